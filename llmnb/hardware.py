@@ -1,0 +1,123 @@
+"""Device, precision and reproducibility helpers, and a report of the machine."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+import numpy as np
+import psutil
+import torch
+
+LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """`prefer` if given and available, else cuda, then mps, then cpu."""
+    if prefer:
+        device = torch.device(prefer)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for, but torch sees no CUDA GPU; use 'cpu' or install a CUDA build of torch")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError("device 'mps' asked for, but it is not available on this machine; use 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype worth using on `device`, or None for plain fp32.
+
+    bf16 on GPUs that support it (Ampere and later), fp16 (with a gradient scaler)
+    on older ones and on mps. None on CPU: most CPUs lack bf16 matrix units, and
+    bf16 autocast there is slower than fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+@dataclass
+class MachineInfo:
+    cpu: str
+    cores: int
+    ram_gb: float
+    gpu: str | None
+    gpu_memory_gb: float | None
+    disk_free_gb: float
+    python: str
+    libraries: dict[str, str]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(path: str = ".") -> MachineInfo:
+    """CPU, RAM, GPU and its memory, free disk at `path`, library versions."""
+    gpu = gpu_mem = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, gpu_mem = props.name, props.total_memory / 1e9
+    elif torch.backends.mps.is_available():
+        gpu = "Apple mps (unified memory)"
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return MachineInfo(
+        cpu=_cpu_name(),
+        cores=psutil.cpu_count(logical=True) or 1,
+        ram_gb=psutil.virtual_memory().total / 1e9,
+        gpu=gpu,
+        gpu_memory_gb=gpu_mem,
+        disk_free_gb=shutil.disk_usage(path).free / 1e9,
+        python=platform.python_version(),
+        libraries=versions,
+    )
+
+
+def measure_matmul_flops(device: torch.device | str = "cpu", size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+    """Achieved FLOP/s of a square matmul on `device`: this machine's practical peak."""
+    device = torch.device(device)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up (kernel selection, thread pool start)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        a @ b
+        sync()
+        runs += 1
+    return 2 * size**3 * runs / elapsed

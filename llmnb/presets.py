@@ -1,0 +1,72 @@
+"""The sizes every notebook runs at, in one place.
+
+`smoke` is for CI (the whole collection in a few minutes on 2 cores), `cpu` gives
+results worth looking at on a laptop in tens of minutes, `gpu` is Colab-T4-to-A100
+scale. `auto` picks `gpu` when CUDA is present, else `cpu`; the `LLMNB_PRESET`
+environment variable overrides `auto` (tests set it to `smoke`).
+
+A notebook's `parameters` cell names every knob with the value None, meaning "take
+it from the preset"; papermill (`llmnb run -p NAME VALUE`) overrides any of them.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+
+PRESET_NAMES = ("smoke", "cpu", "gpu")
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {
+        "00": dict(
+            measure_layers=2, measure_width=64, measure_heads=2, measure_vocab=2048,
+            measure_seq=64, measure_batch=4, measure_steps=2, matmul_size=256,
+            inference_context=2048, inference_batch=1,
+        ),
+    },
+    "cpu": {
+        "00": dict(
+            measure_layers=6, measure_width=384, measure_heads=6, measure_vocab=50257,
+            measure_seq=256, measure_batch=8, measure_steps=3, matmul_size=1024,
+            inference_context=4096, inference_batch=1,
+        ),
+    },
+    "gpu": {
+        "00": dict(
+            measure_layers=12, measure_width=768, measure_heads=12, measure_vocab=50257,
+            measure_seq=1024, measure_batch=8, measure_steps=5, matmul_size=8192,
+            inference_context=8192, inference_batch=8,
+        ),
+    },
+}
+
+
+def resolve_preset(name: str) -> str:
+    """Turn `auto` into a concrete preset name; reject unknown names."""
+    if name == "auto":
+        name = os.environ.get("LLMNB_PRESET", "")
+        if not name:
+            import torch
+
+            name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)} or 'auto'")
+    return name
+
+
+def configure(notebook: str, preset: str, **overrides: Any) -> SimpleNamespace:
+    """The preset's values for `notebook`, with every override that is not None applied.
+
+    An override that the preset does not know is refused: a typo in `-p` must not
+    silently fall back to the default.
+    """
+    name = resolve_preset(preset)
+    try:
+        values = dict(PRESETS[name][notebook])
+    except KeyError:
+        raise ValueError(f"preset {name!r} has no values for notebook {notebook!r}; add them to llmnb/presets.py") from None
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for notebook {notebook}; known: {sorted(values)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SimpleNamespace(preset=name, **values)
