@@ -114,7 +114,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "pyt
         result.status = "ok"
     except papermill.PapermillExecutionError as exc:
         result.status = "failed"
-        result.error = f"cell {exc.cell_index} (execution count {exc.exec_count}): {exc.ename}: {exc.evalue}"
+        result.error = f"the cell [{exc.exec_count}] of {out_dir / path.name} (`{_first_line(out_dir / path.name, exc.exec_count)}`): {exc.ename}: {exc.evalue}"
     except Exception as exc:  # kernel death, missing kernel, unreadable notebook
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"
@@ -127,6 +127,16 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "pyt
     return result
 
 
+def _first_line(notebook: Path, execution_count: int) -> str:
+    """The first line of the executed cell numbered `execution_count`, to name it in words."""
+    import nbformat
+
+    for cell in nbformat.read(notebook, as_version=4).cells:
+        if cell.cell_type == "code" and cell.execution_count == execution_count:
+            return cell.source.strip().splitlines()[0][:80] if cell.source.strip() else ""
+    return ""
+
+
 def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | None = None, out: Path | None = None) -> tuple[list[NotebookResult], Path]:
     """Run the collection; return the results and the report's path. Stops at the first failure."""
     preset = resolve_preset(preset)
@@ -135,8 +145,8 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
     notebooks = find_notebooks(only)
     params = {"preset": preset, **(parameters or {})}
     results = [NotebookResult(p.stem) for p in notebooks]
-    bar = tqdm(list(zip(notebooks, range(len(notebooks)))), desc=f"llmnb run ({preset})", unit="notebook")
-    for path, i in bar:
+    bar = tqdm(notebooks, desc=f"llmnb run ({preset})", unit="notebook")
+    for i, path in enumerate(bar):
         bar.set_postfix_str(path.stem)
         results[i] = run_notebook(path, out_dir, params)
         if results[i].status != "ok":

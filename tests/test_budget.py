@@ -1,0 +1,105 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from llmnb import budget
+
+TINY_GPT2 = budget.gpt2_shape("tiny-gpt2", n_layer=2, d_model=64, n_head=4, vocab_size=500, context=32)
+TINY_LLAMA = budget.ModelShape("tiny-llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160, vocab_size=500)
+
+
+@pytest.mark.parametrize("shape", [TINY_GPT2, TINY_LLAMA, budget.replace(TINY_LLAMA, tied_embeddings=True)], ids=lambda s: f"{s.name}-tied{s.tied_embeddings}")
+def test_parameter_count_matches_transformers(shape):
+    model = AutoModelForCausalLM.from_config(budget.hf_config(shape))
+    assert sum(p.numel() for p in model.parameters()) == shape.n_params
+
+
+def test_catalog_matches_published_parameter_counts():
+    published = {"gpt2-124M": 124_439_808, "gpt2-xl-1.5B": 1_557_611_200, "llama-2-7B": 6_738_415_616, "llama-3-8B": 8_030_261_248, "smollm2-135M": 134_515_008}
+    assert {name: budget.CATALOG[name].n_params for name in published} == published
+
+
+def test_lora_parameter_count_matches_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_config(budget.hf_config(TINY_LLAMA)),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == TINY_LLAMA.lora_params(8, ("q", "v", "down"))
+
+
+def test_kv_cache_bytes_match_a_real_cache():
+    model = AutoModelForCausalLM.from_config(budget.hf_config(TINY_LLAMA)).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.zeros(1, 10, dtype=torch.long), cache=cache, use_cache=True)
+    held = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size() for layer in cache.layers)
+    assert held == 10 * TINY_LLAMA.kv_cache_bytes_per_token("fp32")
+
+
+def test_training_state_bytes_per_parameter():
+    setup = budget.Setup(method="pretrain", batch=1, seq_len=16, precision="mixed")
+    est = budget.estimate_memory(TINY_GPT2, setup)
+    assert est.weights + est.gradients + est.optimizer == 16 * TINY_GPT2.n_params
+    true_bf16 = budget.estimate_memory(TINY_GPT2, budget.Setup(method="pretrain", batch=1, seq_len=16, precision="bf16-true"))
+    assert true_bf16.weights + true_bf16.gradients + true_bf16.optimizer == 8 * TINY_GPT2.n_params
+
+
+def test_methods_order_memory_as_expected():
+    shape = budget.CATALOG["llama-2-7B"]
+    total = {m: budget.estimate_memory(shape, budget.Setup(method=m, seq_len=512, precision="bf16-true")).total for m in budget.METHODS}
+    assert total["qlora"] < total["lora"] < total["full_finetune"]
+    assert total["inference"] < total["lora"]
+    int4 = budget.estimate_memory(shape, budget.Setup(method="inference", inference_dtype="int4")).weights
+    assert 3.5e9 < int4 < 4.5e9  # ~0.5 bytes per block weight, bf16 embeddings
+
+
+def test_gradient_checkpointing_and_flash_attention_cut_activations():
+    shape = budget.CATALOG["gpt2-124M"]
+    plain = budget.Setup(seq_len=1024, flash_attention=False)
+    base = budget.estimate_memory(shape, plain).activations
+    assert budget.estimate_memory(shape, budget.replace(plain, flash_attention=True)).activations < base
+    assert budget.estimate_memory(shape, budget.replace(plain, gradient_checkpointing=True)).activations < base
+
+
+def test_training_flops_follow_6n_and_time_follows_throughput():
+    shape = budget.CATALOG["gpt2-124M"]
+    setup = budget.Setup(seq_len=1)  # attention term negligible at one token
+    flops = budget.training_flops(shape, setup, tokens=1e9)
+    assert flops == pytest.approx(6 * (shape.n_params - shape.learned_positions * shape.d_model) * 1e9, rel=1e-3)
+    assert budget.training_seconds(flops, 1e12, mfu=0.5) == pytest.approx(flops / 5e11)
+    assert budget.chinchilla_tokens(shape) == 20 * shape.n_params
+
+
+def test_published_litgpt_lora_figure_is_matched():
+    setup = budget.Setup("lora", 1, 512, "bf16-true", lora_rank=32)
+    assert budget.estimate_memory(budget.CATALOG["llama-3-8B"], setup).total / 1e9 == pytest.approx(19.73, rel=0.05)
+
+
+def test_bad_setups_are_refused_with_choices():
+    with pytest.raises(ValueError, match="unknown method"):
+        budget.Setup(method="rlhf")
+    with pytest.raises(ValueError, match="unknown precision"):
+        budget.Setup(precision="fp8")
+    with pytest.raises(ValueError, match="positive"):
+        budget.Setup(batch=0)
+    with pytest.raises(ValueError, match="do not exist"):
+        TINY_GPT2.lora_params(8, ("gate",))
+    with pytest.raises(ValueError, match="mfu"):
+        budget.training_seconds(1.0, 1.0, mfu=0)
+
+
+def test_largest_that_fits():
+    setup = budget.Setup(method="inference", inference_dtype="bf16", seq_len=2048)
+    assert budget.largest_that_fits(1e6, setup) is None
+    assert budget.largest_that_fits(1e15, setup) == "llama-3-70B"
+
+
+def test_measured_training_peak_is_close_to_the_estimate():
+    shape = budget.gpt2_shape("m", n_layer=2, d_model=128, n_head=4, vocab_size=4096, context=128)
+    setup = budget.Setup(method="pretrain", batch=4, seq_len=128, precision="fp32")
+    measured = budget.measure_training_memory(shape, setup, steps=2)
+    assert measured["params"] == shape.n_params
+    assert 0.6 < measured["peak_bytes"] / budget.estimate_memory(shape, setup).total < 1.6
+    with pytest.raises(ValueError, match="fp32 training only"):
+        budget.measure_training_memory(shape, budget.Setup(method="lora"))

@@ -1,0 +1,40 @@
+import random
+
+import pytest
+import torch
+
+from llmnb import hardware
+
+
+def test_pick_device_defaults_to_an_available_device():
+    assert hardware.pick_device().type in {"cpu", "cuda", "mps"}
+    assert hardware.pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_asking_for_missing_cuda_says_what_to_do():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        hardware.pick_device("cuda")
+
+
+def test_autocast_dtype_is_none_on_cpu():
+    assert hardware.autocast_dtype("cpu") is None
+
+
+def test_seed_everything_repeats_random_streams():
+    hardware.seed_everything(3)
+    first = (random.random(), torch.rand(3))
+    hardware.seed_everything(3)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_machine_info_reports_real_numbers(tmp_path):
+    info = hardware.machine_info(str(tmp_path))
+    assert info.cores >= 1 and info.ram_gb > 0.5 and info.disk_free_gb > 0
+    assert info.libraries["torch"] == torch.__version__.split("+")[0] or info.libraries["torch"].startswith(torch.__version__.split("+")[0])
+
+
+def test_matmul_flops_is_positive_and_plausible():
+    flops = hardware.measure_matmul_flops("cpu", size=128, seconds=0.05)
+    assert 1e7 < flops < 1e15
