@@ -19,8 +19,8 @@ PRESET_NAMES = ("smoke", "cpu", "gpu")
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "00": dict(
-            measure_layers=2, measure_width=64, measure_heads=2, measure_vocab=2048,
-            measure_seq=64, measure_batch=4, measure_steps=2, matmul_size=256,
+            measure_layers=4, measure_width=256, measure_heads=4, measure_vocab=8192,
+            measure_seq=256, measure_batch=8, measure_steps=2, matmul_size=256,
             inference_context=2048, inference_batch=1,
         ),
     },

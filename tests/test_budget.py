@@ -96,10 +96,11 @@ def test_largest_that_fits():
 
 
 def test_measured_training_peak_is_close_to_the_estimate():
-    shape = budget.gpt2_shape("m", n_layer=2, d_model=128, n_head=4, vocab_size=4096, context=128)
-    setup = budget.Setup(method="pretrain", batch=4, seq_len=128, precision="fp32")
+    # big enough that the runtime's fixed costs (tens of MB) do not dominate; benchmarks/budget_memory.py sweeps more
+    shape = budget.gpt2_shape("m", n_layer=4, d_model=256, n_head=4, vocab_size=8192, context=256)
+    setup = budget.Setup(method="pretrain", batch=8, seq_len=256, precision="fp32")
     measured = budget.measure_training_memory(shape, setup, steps=2)
     assert measured["params"] == shape.n_params
-    assert 0.6 < measured["peak_bytes"] / budget.estimate_memory(shape, setup).total < 1.6
+    assert 0.8 < measured["peak_bytes"] / budget.estimate_memory(shape, setup).total < 1.4
     with pytest.raises(ValueError, match="fp32 training only"):
         budget.measure_training_memory(shape, budget.Setup(method="lora"))
