@@ -68,8 +68,12 @@ class ModelShape:
     def block_params(self) -> int:
         weights = sum(i * o for i, o in self.linear_shapes().values())
         biases = sum(o for _, o in self.linear_shapes().values()) if self.bias else 0
-        norms = 2 * self.d_model * (2 if self.bias else 1)  # LayerNorm has a bias, RMSNorm not
-        return weights + biases + norms
+        return weights + biases + 2 * self.norm_params
+
+    @property
+    def norm_params(self) -> int:
+        """One norm's parameters: GPT-2's LayerNorm has a bias when the model has biases; RMSNorm never."""
+        return self.d_model * (2 if self.bias and not self.gated_mlp else 1)
 
     @property
     def embedding_params(self) -> int:
@@ -81,8 +85,7 @@ class ModelShape:
 
     @property
     def n_params(self) -> int:
-        final_norm = self.d_model * (2 if self.bias else 1)
-        return self.embedding_params + self.n_layer * self.block_params + final_norm + self.head_params
+        return self.embedding_params + self.n_layer * self.block_params + self.norm_params + self.head_params
 
     @property
     def n_linear_params(self) -> int:
