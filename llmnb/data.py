@@ -11,12 +11,16 @@ import hashlib
 import importlib.util
 import json
 import re
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from .paths import data_dir
@@ -230,3 +234,216 @@ def _load_hf_dataset(dataset_id: str, text_field: str) -> Corpus:
     if text_field not in dataset.column_names:
         raise CorpusError(f"dataset {dataset_id!r} has no column {text_field!r}; pass text_field= one of {dataset.column_names}")
     return Corpus(dataset_id, f"hf:{dataset_id}", [Document(f"{dataset_id}/{i}", row[text_field]) for i, row in enumerate(dataset)])
+
+
+# --- cleaning: normalisation, deduplication, quality filters ----------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def normalize(text: str) -> str:
+    """Unicode NFC, Unix line endings, no control characters but tab and newline."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL.sub("", text)
+
+
+@dataclass
+class FilterReport:
+    """What one cleaning step removed, and why."""
+
+    step: str
+    reason: str
+    removed_docs: int = 0
+    removed_chars: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, doc: Document, why: str = "") -> None:
+        self.removed_docs += 1
+        self.removed_chars += len(doc.text)
+        if len(self.examples) < 3:
+            self.examples.append(f"{doc.id}: {why} {doc.text[:120]!r}".strip())
+
+
+def exact_dedup(docs: list[Document]) -> tuple[list[Document], FilterReport]:
+    """Keep the first of documents whose text is byte-identical (SHA-256 of the text)."""
+    report, seen, kept = FilterReport("exact dedup", "same text as an earlier document"), {}, []
+    for doc in docs:
+        digest = hashlib.sha256(doc.text.encode("utf-8", errors="surrogatepass")).digest()
+        if digest in seen:
+            report.add(doc, f"copy of {seen[digest]}")
+        else:
+            seen[digest] = doc.id
+            kept.append(doc)
+    return kept, report
+
+
+def shingles(text: str, n: int = 5) -> set[int]:
+    """The document's word n-grams, hashed to 32 bits (CRC-32: stable across runs, unlike hash())."""
+    words = text.lower().split()
+    if len(words) < n:
+        return {zlib.crc32(" ".join(words).encode())} if words else set()
+    return {zlib.crc32(" ".join(words[i:i + n]).encode()) for i in range(len(words) - n + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+_PRIME = (1 << 31) - 1  # hash family (a*x + b) mod p with a, b, x < p: products stay below 2**62
+
+
+def minhash(shingle_set: set[int], num_perm: int = 128, seed: int = 0) -> np.ndarray:
+    """MinHash signature: for each of `num_perm` random hash functions, the smallest hash of any shingle.
+
+    Two documents' signatures agree in a fraction of positions that estimates their Jaccard similarity.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, _PRIME, num_perm, dtype=np.uint64)
+    b = rng.integers(0, _PRIME, num_perm, dtype=np.uint64)
+    if not shingle_set:
+        return np.full(num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
+    x = np.fromiter(shingle_set, dtype=np.uint64, count=len(shingle_set)) % np.uint64(_PRIME)
+    return ((x[:, None] * a[None, :] + b[None, :]) % np.uint64(_PRIME)).min(axis=0)
+
+
+def near_dedup(docs: list[Document], threshold: float = 0.8, num_perm: int = 128, bands: int = 32, n: int = 5) -> tuple[list[Document], FilterReport]:
+    """Drop documents whose word 5-gram Jaccard similarity to an earlier kept one is at least `threshold`.
+
+    Locality-sensitive hashing finds candidates: signatures are cut into `bands` bands,
+    and documents sharing any band's values are compared; each candidate pair is then
+    checked with the exact Jaccard similarity, so there are no false positives.
+    """
+    if num_perm % bands:
+        raise ValueError(f"num_perm ({num_perm}) must be a multiple of bands ({bands})")
+    rows = num_perm // bands
+    report = FilterReport("near dedup", f"word {n}-gram Jaccard >= {threshold} with an earlier document (MinHash LSH, {bands} bands x {rows} rows)")
+    sets = [shingles(d.text, n) for d in docs]
+    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+    kept: list[Document] = []
+    for i, doc in enumerate(docs):
+        signature = minhash(sets[i], num_perm)
+        keys = [(band, signature[band * rows:(band + 1) * rows].tobytes()) for band in range(bands)]
+        candidates = {j for key in keys for j in buckets.get(key, ())}
+        match = next((j for j in sorted(candidates) if jaccard(sets[i], sets[j]) >= threshold), None)
+        if match is not None:
+            report.add(doc, f"{jaccard(sets[i], sets[match]):.2f} similar to {docs[match].id}")
+            continue
+        kept.append(doc)
+        for key in keys:
+            buckets[key].append(i)
+    return kept, report
+
+
+@dataclass(frozen=True)
+class QualityRules:
+    """Heuristic filters in the spirit of Gopher's (Rae et al., 2021): each removes documents failing one rule."""
+
+    min_words: int = 20
+    max_symbol_ratio: float = 0.25  # characters that are neither letters, digits nor whitespace
+    max_digit_ratio: float = 0.2
+    max_duplicate_line_fraction: float = 0.2  # characters in lines that repeat an earlier line of the same document
+    max_top_bigram_fraction: float = 0.2  # characters covered by the most frequent word bigram
+
+
+def quality_filter(docs: list[Document], rules: QualityRules = QualityRules()) -> tuple[list[Document], list[FilterReport]]:
+    """Apply each rule in turn; one report per rule."""
+    def words(d):
+        return d.text.split()
+
+    def symbol_ratio(d):
+        return sum(not (c.isalnum() or c.isspace()) for c in d.text) / max(1, len(d.text))
+
+    def digit_ratio(d):
+        return sum(c.isdigit() for c in d.text) / max(1, len(d.text))
+
+    def duplicate_lines(d):  # by characters, so that short repeated lines (a play's speaker names) weigh little
+        seen, repeated, total = set(), 0, 0
+        for line in (line for line in d.text.split("\n") if line.strip()):
+            total += len(line)
+            if line in seen:
+                repeated += len(line)
+            seen.add(line)
+        return repeated / max(1, total)
+
+    def top_bigram(d):
+        w = words(d)
+        if len(w) < 2:
+            return 0.0
+        (pair, count), = Counter(zip(w, w[1:])).most_common(1)
+        return count * (len(pair[0]) + len(pair[1])) / max(1, sum(len(x) for x in w))
+
+    checks = [
+        ("too short", f"fewer than {rules.min_words} words", lambda d: len(words(d)) < rules.min_words, lambda d: f"{len(words(d))} words"),
+        ("symbols", f"symbol ratio above {rules.max_symbol_ratio}", lambda d: symbol_ratio(d) > rules.max_symbol_ratio, lambda d: f"{symbol_ratio(d):.2f}"),
+        ("digits", f"digit ratio above {rules.max_digit_ratio}", lambda d: digit_ratio(d) > rules.max_digit_ratio, lambda d: f"{digit_ratio(d):.2f}"),
+        ("repeated lines", f"over {rules.max_duplicate_line_fraction:.0%} of characters in repeated lines", lambda d: duplicate_lines(d) > rules.max_duplicate_line_fraction, lambda d: f"{duplicate_lines(d):.2f}"),
+        ("repeated bigram", f"top word bigram covers over {rules.max_top_bigram_fraction:.0%} of characters", lambda d: top_bigram(d) > rules.max_top_bigram_fraction, lambda d: f"{top_bigram(d):.2f}"),
+    ]
+    reports = []
+    for step, reason, fails, show in checks:
+        report, kept = FilterReport(step, reason), []
+        for doc in docs:
+            if fails(doc):
+                report.add(doc, show(doc))
+            else:
+                kept.append(doc)
+        docs = kept
+        reports.append(report)
+    return docs, reports
+
+
+def clean(corpus: Corpus, rules: QualityRules = QualityRules(), near_threshold: float = 0.8) -> tuple[Corpus, list[FilterReport]]:
+    """Normalise, drop exact and near duplicates, then apply the quality rules; report each step."""
+    docs = [Document(d.id, normalize(d.text)) for d in corpus.documents]
+    docs, exact = exact_dedup(docs)
+    docs, near = near_dedup(docs, near_threshold)
+    docs, quality = quality_filter(docs, rules)
+    return Corpus(corpus.name, corpus.source + " (cleaned)", docs), [exact, near, *quality]
+
+
+def split_documents(docs: list[Document], val_fraction: float = 0.1, seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """A deterministic train/validation split by document: each id's hash decides, so order does not matter."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    train, val = [], []
+    for doc in docs:
+        h = int.from_bytes(hashlib.sha256(f"{seed}:{doc.id}".encode()).digest()[:8], "big") / 2**64
+        (val if h < val_fraction else train).append(doc)
+    if not train or not val:
+        raise ValueError(f"{len(docs)} documents are too few to split at val_fraction={val_fraction}")
+    return train, val
+
+
+def write_token_file(ids: list[int] | np.ndarray, path: str | Path, vocab_size: int) -> Path:
+    """Token ids as a flat binary file (uint16 when the vocabulary fits, else uint32) that np.memmap reads back."""
+    dtype = token_dtype(vocab_size)
+    array = np.asarray(ids, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got {array.min()}..{array.max()}")
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    array.astype(dtype).tofile(tmp)
+    tmp.replace(path)
+    return path
+
+
+def token_dtype(vocab_size: int) -> type:
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def read_token_file(path: str | Path, vocab_size: int) -> np.memmap:
+    """The token ids written by `write_token_file`, memory-mapped (nothing is read until used)."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"no token file at {path}: run notebook 01 (llmnb run --only 01) to write it")
+    return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
+
+
+def encode_documents(docs: list[Document], encode, end_of_text: int | None) -> np.ndarray:
+    """One token stream: each document's ids followed by the end-of-text id, so that training windows see boundaries."""
+    stream: list[int] = []
+    for doc in tqdm(docs, desc="encoding", unit="doc", leave=False):
+        stream.extend(encode(doc.text))
+        if end_of_text is not None:
+            stream.append(end_of_text)
+    return np.asarray(stream, dtype=np.int64)

@@ -23,6 +23,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             measure_seq=256, measure_batch=8, measure_steps=2, matmul_size=256,
             inference_context=2048, inference_batch=1,
         ),
+        "01": dict(vocab_size=1024, compression_sizes=[300, 512, 1024], val_fraction=0.1, toy_merges=8),
         "02": dict(demo_layers=2, demo_width=64, demo_heads=4, kv_lengths=[16, 32, 64], kv_new_tokens=4, pattern_layer=3),
     },
     "cpu": {
@@ -31,6 +32,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             measure_seq=256, measure_batch=8, measure_steps=3, matmul_size=1024,
             inference_context=4096, inference_batch=1,
         ),
+        "01": dict(vocab_size=4096, compression_sizes=[300, 512, 1024, 2048, 4096, 8192], val_fraction=0.1, toy_merges=8),
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
     },
     "gpu": {
@@ -39,6 +41,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             measure_seq=1024, measure_batch=8, measure_steps=5, matmul_size=8192,
             inference_context=8192, inference_batch=8,
         ),
+        "01": dict(vocab_size=16384, compression_sizes=[300, 1024, 4096, 8192, 16384, 32768], val_fraction=0.1, toy_merges=8),
         "02": dict(demo_layers=12, demo_width=768, demo_heads=12, kv_lengths=[256, 512, 1024, 2048, 4096], kv_new_tokens=16, pattern_layer=3),
     },
 }

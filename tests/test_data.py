@@ -90,3 +90,103 @@ def test_hub_dataset_offline_is_a_clear_error():
     with pytest.raises(data.CorpusError, match="could not load Hugging Face dataset"):
         data.load_corpus("hf:someone/not-cached-dataset")
     assert time.perf_counter() - start < 30
+
+
+# --- cleaning ---------------------------------------------------------------------------------
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def test_normalize_nfc_line_endings_and_control_characters():
+    assert data.normalize("e\u0301\r\nb\rc\x00\x07d\te") == "\u00e9\nb\ncd\te"
+
+
+def _text(rng, n=120):
+    words = "the king queen lord lady sword crown night day love war peace heaven earth fool wise".split()
+    return " ".join(rng.choice(words) + str(rng.randint(0, 40)) for _ in range(n))
+
+
+def _near_copies():
+    rng = random.Random(0)
+    docs = []
+    for i in range(40):
+        base = _text(rng)
+        docs.append(data.Document(f"d{i}", base))
+        if i % 4 == 0:  # a near copy: a few words changed
+            words = base.split()
+            for j in rng.sample(range(len(words)), 2 if i % 8 == 0 else 4):  # ~0.84 and ~0.7 similar
+                words[j] = "CHANGED"
+            docs.append(data.Document(f"d{i}-near", " ".join(words)))
+    return docs
+
+
+def test_near_dedup_finds_exactly_the_pairs_brute_force_jaccard_finds():
+    docs = _near_copies()
+    sets = [data.shingles(d.text) for d in docs]
+    expected = set()
+    for i in range(len(docs)):
+        if any(data.jaccard(sets[i], sets[j]) >= 0.8 for j in range(i) if docs[j].id not in expected):
+            expected.add(docs[i].id)
+    kept, report = data.near_dedup(docs, threshold=0.8)
+    assert {d.id for d in docs} - {d.id for d in kept} == expected
+    assert report.removed_docs == len(expected) == 5 and report.examples  # the 2-word edits, not the 4-word ones
+
+
+def test_minhash_estimates_jaccard():
+    a, b = data.shingles(" ".join(map(str, range(300)))), data.shingles(" ".join(map(str, range(100, 400))))
+    estimate = float(np.mean(data.minhash(a, 256) == data.minhash(b, 256)))
+    assert abs(estimate - data.jaccard(a, b)) < 0.08
+
+
+def test_exact_dedup_keeps_the_first_copy():
+    docs = [data.Document("a", "same"), data.Document("b", "other"), data.Document("c", "same")]
+    kept, report = data.exact_dedup(docs)
+    assert [d.id for d in kept] == ["a", "b"] and report.removed_docs == 1 and report.removed_chars == 4
+    assert "copy of a" in report.examples[0]
+
+
+def test_each_quality_rule_removes_what_it_names():
+    rng = random.Random(1)
+    words = "the king and queen spoke of love and war while night fell over the quiet castle walls".split()
+    good = data.Document("good", " ".join(rng.choice(words) for _ in range(150)))
+    bad = {
+        "too short": data.Document("short", "just a few words"),
+        "symbols": data.Document("symbols", "#### *** @@@ " * 30 + "words " * 20),
+        "digits": data.Document("digits", " ".join(str(rng.randint(10**6, 10**7)) for _ in range(60))),
+        "repeated lines": data.Document("lines", "\n".join(["this same line repeats itself"] * 20 + ["and one more line of ordinary text here"] * 1)),
+        "repeated bigram": data.Document("bigram", "buy now " * 60 + " ".join("word" + str(i) for i in range(30))),
+    }
+    kept, reports = data.quality_filter([good, *bad.values()])
+    assert [d.id for d in kept] == ["good"]
+    assert {r.step: r.removed_docs for r in reports} == {step: 1 for step in bad}
+    assert all(r.removed_chars == len(bad[r.step].text) for r in reports)
+
+
+def test_clean_reports_every_step_and_keeps_the_plays():
+    cleaned, reports = data.clean(data.load_corpus("shakespeare"))
+    assert [r.step for r in reports] == ["exact dedup", "near dedup", "too short", "symbols", "digits", "repeated lines", "repeated bigram"]
+    assert len(cleaned) + sum(r.removed_docs for r in reports) == 778
+    assert len(cleaned) > 770
+
+
+def test_split_is_deterministic_by_document_and_independent_of_order():
+    docs = [data.Document(f"doc{i}", "x") for i in range(200)]
+    train, val = data.split_documents(docs, 0.1)
+    train2, val2 = data.split_documents(list(reversed(docs)), 0.1)
+    assert {d.id for d in val} == {d.id for d in val2} and 5 < len(val) < 40
+    assert not {d.id for d in train} & {d.id for d in val}
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.split_documents(docs, 1.5)
+
+
+def test_token_files_round_trip_with_the_right_dtype(tmp_path):
+    path = data.write_token_file([1, 2, 65535], tmp_path / "small.bin", vocab_size=65536)
+    assert path.stat().st_size == 6 and list(data.read_token_file(path, 65536)) == [1, 2, 65535]
+    big = data.write_token_file([70000], tmp_path / "big.bin", vocab_size=100_000)
+    assert big.stat().st_size == 4 and data.read_token_file(big, 100_000)[0] == 70000
+    with pytest.raises(ValueError, match="must lie in"):
+        data.write_token_file([5], tmp_path / "bad.bin", vocab_size=5)
+    with pytest.raises(data.CorpusError, match="run notebook 01"):
+        data.read_token_file(tmp_path / "missing.bin", 10)

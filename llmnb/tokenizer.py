@@ -1,0 +1,341 @@
+"""Byte-level BPE from scratch, and a character-level tokenizer behind the same interface.
+
+In the spirit of minbpe: text is split into chunks by a regex (GPT-2's or GPT-4's), each
+chunk's UTF-8 bytes start as one token each, and learned merges join adjacent pairs,
+lowest rank first. Any byte string decodes exactly and any text encodes, since every
+byte is a token. The same `BPETokenizer` loads GPT-2's `encoder.json`/`vocab.bpe` and
+Hugging Face `tokenizer.json` BPE files (ids identical to tiktoken and transformers),
+and exports a `tokenizer.json` that `transformers.PreTrainedTokenizerFast` loads.
+
+Training updates pair counts incrementally: a merge only revisits the chunks that
+contain the merged pair, instead of recounting the corpus.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import regex
+
+GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT4_SPLIT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for every byte (used in vocab files and tokenizer.json)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of `text`; lone surrogates from undecodable bytes (surrogateescape) become those bytes again."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates: keep their (invalid) UTF-8 form rather than fail
+        return text.encode("utf-8", errors="surrogatepass")
+
+
+def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    """Replace every occurrence of `pair` in `ids`, left to right, by `new`."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+class BPETokenizer:
+    """Byte-level BPE: `merges` maps a pair of token ids to the merged id, in rank order."""
+
+    def __init__(self, merges: dict[tuple[int, int], int], byte_ids: list[int | None] | None = None, pattern: str | None = GPT4_SPLIT,
+                 special_tokens: dict[str, int] | None = None):
+        # token id of each byte value; None for a byte a loaded vocabulary lacks (dropped, as Hugging Face does)
+        self.byte_ids = byte_ids or list(range(256))
+        self.merges = dict(merges)
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self.pattern = pattern
+        self.compiled = regex.compile(pattern) if pattern else None
+        self.special_tokens = dict(special_tokens or {})
+        self.vocab: dict[int, bytes] = {tid: bytes([b]) for b, tid in enumerate(self.byte_ids) if tid is not None}
+        for (a, b), new in self.merges.items():
+            self.vocab[new] = self.vocab[a] + self.vocab[b]
+        self.special_ids = {i: s for s, i in self.special_tokens.items()}
+        self._cache: dict[bytes, list[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return max([*self.vocab, *self.special_ids]) + 1
+
+    # --- encoding ----------------------------------------------------------------------------
+
+    def _encode_chunk(self, chunk: bytes) -> list[int]:
+        if (cached := self._cache.get(chunk)) is not None:
+            return cached
+        ids = [self.byte_ids[b] for b in chunk if self.byte_ids[b] is not None]
+        while len(ids) >= 2:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            if pair not in self.ranks:
+                break
+            ids = _merge(ids, pair, self.merges[pair])
+        if len(self._cache) > 200_000:
+            self._cache.clear()
+        self._cache[chunk] = ids
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text`, treating special-token strings as plain text."""
+        chunks = self.compiled.findall(text) if self.compiled else [text]
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(self._encode_chunk(_utf8(chunk)))
+        return ids
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        """Token ids of arbitrary bytes, valid UTF-8 or not; `decode_bytes` gives them back exactly."""
+        return self.encode_ordinary(data.decode("utf-8", errors="surrogateescape"))
+
+    def encode(self, text: str, allowed_special: str | Iterable[str] = ()) -> list[int]:
+        """Token ids of `text`; special-token strings in `allowed_special` (or "all") become their ids."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"unknown special tokens {sorted(unknown)}; this tokenizer has {sorted(self.special_tokens)}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        splitter = "(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
+        ids: list[int] = []
+        for part in regex.split(splitter, text):
+            ids.extend([self.special_tokens[part]] if part in allowed else self.encode_ordinary(part))
+        return ids
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        out = []
+        for i in ids:
+            if i in self.vocab:
+                out.append(self.vocab[i])
+            elif i in self.special_ids:
+                out.append(self.special_ids[i].encode())
+            else:
+                raise ValueError(f"token id {i} is not in this tokenizer's vocabulary (size {self.vocab_size})")
+        return b"".join(out)
+
+    def decode(self, ids: Iterable[int], errors: str = "replace") -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD (errors='replace')."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each token's text on its own, for showing token boundaries."""
+        return [self.decode([i]) for i in ids]
+
+    # --- persistence ---------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = {"type": "llmnb-bpe", "version": 1, "pattern": self.pattern, "byte_ids": self.byte_ids,
+                "merges": [[a, b, new] for (a, b), new in self.merges.items()], "special_tokens": self.special_tokens}
+        path.write_text(json.dumps(data), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("type") != "llmnb-bpe":
+            raise ValueError(f"{path} is not an llmnb BPE file; for a Hugging Face tokenizer.json use BPETokenizer.from_hf_json")
+        return cls({(a, b): new for a, b, new in data["merges"]}, data["byte_ids"], data["pattern"], data["special_tokens"])
+
+    @classmethod
+    def from_vocab_and_merges(cls, vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str = GPT2_SPLIT,
+                              special_tokens: dict[str, int] | None = None) -> BPETokenizer:
+        """From byte-level strings (GPT-2's printable byte alphabet), as in vocab.json/merges.txt and tokenizer.json."""
+        to_char = byte_to_unicode()
+        byte_ids = [vocab.get(to_char[b]) for b in range(256)]
+        table = {}
+        for left, right in merges:
+            if left + right in vocab:
+                table[(vocab[left], vocab[right])] = vocab[left + right]
+        return cls(table, byte_ids, pattern, special_tokens)
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> BPETokenizer:
+        """GPT-2's tokenizer from OpenAI's `encoder.json` and `vocab.bpe`."""
+        vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split(" ")) for line in lines[1:] if line and not line.startswith("#version")]
+        specials = {ENDOFTEXT: vocab[ENDOFTEXT]}
+        return cls.from_vocab_and_merges({k: v for k, v in vocab.items() if k != ENDOFTEXT}, merges, GPT2_SPLIT, specials)
+
+    @classmethod
+    def from_hf_json(cls, path: str | Path) -> BPETokenizer:
+        """A Hugging Face `tokenizer.json` with a byte-level BPE model (GPT-2, SmolLM2, Llama-3 style)."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        model = data["model"]
+        if model.get("type") != "BPE" or model.get("byte_fallback") or data.get("normalizer"):
+            raise ValueError(f"{path}: only byte-level BPE without a normalizer or byte fallback can be loaded")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        pattern = _hf_pattern(data["pre_tokenizer"])
+        specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+        return cls.from_vocab_and_merges(model["vocab"], merges, pattern, specials)
+
+    def to_hf_json(self, path: str | Path) -> Path:
+        """Write a `tokenizer.json` that `tokenizers` and `PreTrainedTokenizerFast` load and encode identically."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        to_char = byte_to_unicode()
+
+        def text(i: int) -> str:
+            return "".join(to_char[b] for b in self.vocab[i])
+
+        vocab = {text(i): i for i in self.vocab}
+        if len(vocab) != len(self.vocab):
+            raise ValueError("two token ids share the same bytes; tokenizer.json cannot express that")
+        merges = [(text(a), text(b)) for (a, b) in self.merges]
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        steps = [pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")] if self.pattern else []
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        from tokenizers import AddedToken
+
+        for content, _ in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+            tok.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        added = {content: tok.token_to_id(content) for content in self.special_tokens}
+        if added != self.special_tokens:
+            raise ValueError(f"special tokens need ids right after the vocabulary to export; got {added}, have {self.special_tokens}")
+        path = Path(path)
+        tok.save(str(path))
+        return path
+
+
+def _hf_pattern(pre_tokenizer: dict | None) -> str:
+    """The split regex of a byte-level pre-tokenizer: GPT-2's built-in one, or an explicit Split."""
+    if pre_tokenizer is None:
+        raise ValueError("tokenizer.json has no pre-tokenizer; expected a ByteLevel one")
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    pattern = None
+    for step in steps:
+        if step["type"] == "Split":
+            pattern = step["pattern"].get("Regex") or regex.escape(step["pattern"]["String"])
+        elif step["type"] == "ByteLevel":
+            if step.get("add_prefix_space"):
+                raise ValueError("ByteLevel with add_prefix_space is not supported")
+            if step.get("use_regex", True):
+                pattern = pattern or GPT2_SPLIT
+        else:
+            raise ValueError(f"pre-tokenizer step {step['type']!r} is not supported")
+    return pattern
+
+
+def train_bpe(texts: str | Iterable[str], vocab_size: int, pattern: str | None = GPT4_SPLIT,
+              special_tokens: Iterable[str] = (ENDOFTEXT,)) -> BPETokenizer:
+    """Learn merges until the vocabulary (256 bytes + merges + special tokens) reaches `vocab_size`.
+
+    Counts each distinct chunk once with its frequency, and after each merge updates the
+    pair counts of only the chunks that contained the merged pair. Ties go to the
+    smallest pair of ids, so training is deterministic.
+    """
+    specials = list(dict.fromkeys(special_tokens))
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be at least 256 bytes + {len(specials)} special tokens = {256 + len(specials)}, got {vocab_size}")
+    compiled = regex.compile(pattern) if pattern else None
+    chunk_counts: Counter[bytes] = Counter()
+    for text in [texts] if isinstance(texts, str) else texts:
+        chunk_counts.update(_utf8(c) for c in (compiled.findall(text) if compiled else [text]))
+    words = [list(chunk) for chunk in chunk_counts]
+    counts = list(chunk_counts.values())
+    pair_counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for w, (ids, count) in enumerate(zip(words, counts)):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += count
+            where[pair].add(w)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab = {i: bytes([i]) for i in range(256)}
+    by_bytes = {b: i for i, b in vocab.items()}
+    merges: dict[tuple[int, int], int] = {}
+    target = vocab_size - len(specials)
+    while len(vocab) < target and heap:
+        negative, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count <= 0:
+            continue
+        if -negative != count:  # stale entry: the count changed since it was pushed
+            heapq.heappush(heap, (-count, pair))
+            continue
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new = by_bytes.get(merged)
+        if new is None:  # the same bytes can arise from two different pairs: one token for both
+            new = len(vocab)
+            vocab[new], by_bytes[merged] = merged, new
+        merges[pair] = new
+        touched = set()
+        for w in where.pop(pair):
+            ids, c = words[w], counts[w]
+            for p in zip(ids, ids[1:]):
+                pair_counts[p] -= c
+            ids = words[w] = _merge(ids, pair, new)
+            for p in zip(ids, ids[1:]):
+                pair_counts[p] += c
+                where[p].add(w)
+                touched.add(p)
+        pair_counts.pop(pair, None)
+        for p in touched:
+            if pair_counts[p] > 0:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    special_ids = {s: len(vocab) + i for i, s in enumerate(specials)}
+    return BPETokenizer(merges, None, pattern, special_ids)
+
+
+class CharTokenizer:
+    """One token per character, as in nanoGPT's Shakespeare example; the vocabulary is the corpus's characters."""
+
+    def __init__(self, chars: Iterable[str]):
+        self.chars = sorted(set(chars))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - set(self.index))
+            raise ValueError(f"characters {unknown[:10]} are not in this character vocabulary; train it on text that has them") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({"type": "llmnb-char", "chars": self.chars}), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CharTokenizer:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("type") != "llmnb-char":
+            raise ValueError(f"{path} is not an llmnb character tokenizer file")
+        return cls(data["chars"])

@@ -1,0 +1,148 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from llmnb import assets
+from llmnb.data import load_corpus
+from llmnb.models import resolve_model
+from llmnb.tokenizer import CHAT_TOKENS, ENDOFTEXT, GPT2_SPLIT, GPT4_SPLIT, BPETokenizer, CharTokenizer, train_bpe
+
+ADVERSARIAL = [
+    "", " ", "  hello   world\n\n\t x", "I'm can't we've they'LL You'Re", "1234567 3.14159 1,000,000 0x1F",
+    "def f(x):\n    return x**2  # comment\n", "héllo wörld 🙂🚀 👩‍👩‍👧 \U0001F600", "日本語のテキスト and עברית mixed Ελληνικά",
+    "\u200b\ufeffzero\u00a0width", "a" * 500, " \n \r\n  \t\t\n", "<|endoftext|> after a special", "ends with spaces   ",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus_text():
+    return load_corpus("shakespeare").text
+
+
+@pytest.fixture(scope="module")
+def trained():
+    docs = [d.text for d in load_corpus("shakespeare").documents[:150]]
+    return train_bpe(docs, 600, GPT4_SPLIT, special_tokens=[ENDOFTEXT, *CHAT_TOKENS])
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    files = assets.gpt2_vocab_files()
+    return BPETokenizer.from_gpt2_files(files["encoder.json"], files["vocab.bpe"])
+
+
+def test_gpt2_ids_equal_tiktoken_on_the_whole_corpus_and_adversarial_strings(gpt2, corpus_text):
+    tk = assets.tiktoken_encoding("gpt2")
+    assert gpt2.encode(corpus_text) == tk.encode_ordinary(corpus_text)
+    for s in ADVERSARIAL:
+        assert gpt2.encode(s) == tk.encode_ordinary(s), s
+        assert gpt2.encode(s, allowed_special="all") == tk.encode(s, allowed_special="all"), s
+
+
+def test_gpt2_ids_equal_gpt2_tokenizer_fast(gpt2, corpus_text):
+    files = assets.gpt2_vocab_files()
+    hf = GPT2TokenizerFast(vocab=str(files["encoder.json"]), merges=str(files["vocab.bpe"]))
+    assert len(hf) == 50257, "GPT2TokenizerFast must not load empty (transformers 5 ignores vocab_file=)"
+    sample = corpus_text[:200_000]
+    assert gpt2.encode(sample, allowed_special="all") == hf(sample)["input_ids"]
+    for s in ADVERSARIAL:
+        assert gpt2.encode(s, allowed_special="all") == hf(s)["input_ids"], s
+
+
+def test_smollm2_ids_equal_its_hugging_face_tokenizer(corpus_text):
+    path = resolve_model("smollm2-135m-instruct")
+    hf = AutoTokenizer.from_pretrained(path)
+    ours = BPETokenizer.from_hf_json(f"{path}/tokenizer.json")
+    sample = corpus_text[:300_000]
+    assert ours.encode(sample, allowed_special="all") == hf(sample, add_special_tokens=False)["input_ids"]
+    for s in ADVERSARIAL + ["<|im_start|>user\nHi<|im_end|>\n"]:
+        assert ours.encode(s, allowed_special="all") == hf(s, add_special_tokens=False)["input_ids"], s
+
+
+def test_exported_tokenizer_json_encodes_identically(trained, tmp_path, corpus_text):
+    path = trained.to_hf_json(tmp_path / "tokenizer.json")
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    for s in ADVERSARIAL + [corpus_text[:50_000], "<|im_start|>user\nhi<|im_end|>"]:
+        assert trained.encode(s, allowed_special="all") == hf(s, add_special_tokens=False)["input_ids"], s[:40]
+        assert hf.decode(hf(s, add_special_tokens=False)["input_ids"]) == trained.decode(trained.encode(s, allowed_special="all"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_round_trip_exactly_including_invalid_utf8(trained, gpt2, data):
+    for tok in (trained, gpt2):
+        assert tok.decode_bytes(tok.encode_bytes(data)) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_round_trips_exactly(trained, gpt2, text):
+    for tok in (trained, gpt2):
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_partial_utf8_decodes_to_replacement_characters_not_errors(trained):
+    ids = trained.encode("🙂")
+    assert len(ids) > 1, "a rare emoji spans several byte tokens in a small vocabulary"
+    assert trained.decode_bytes(ids[:1]) == "🙂".encode()[: len(trained.vocab[ids[0]])]
+    assert trained.decode(ids[:1]) == "\ufffd" * trained.decode(ids[:1]).count("\ufffd") != ""
+    assert trained.encode("\ud800 lone surrogate")  # never fails
+
+
+def test_training_is_deterministic_and_reaches_the_vocabulary_size(trained):
+    again = train_bpe([d.text for d in load_corpus("shakespeare").documents[:150]], 600, GPT4_SPLIT, special_tokens=[ENDOFTEXT, *CHAT_TOKENS])
+    assert again.merges == trained.merges
+    assert trained.vocab_size == 600
+    assert trained.special_tokens == {ENDOFTEXT: 597, "<|im_start|>": 598, "<|im_end|>": 599}
+
+
+def test_incremental_training_equals_naive_recounting():
+    text = "low lower lowest newer wider new news " * 20 + "the then there these " * 15
+    fast = train_bpe(text, 256 + 40, GPT2_SPLIT, special_tokens=())
+    import regex
+    from collections import Counter
+
+    words = [list(c.encode()) for c in regex.findall(GPT2_SPLIT, text)]
+    merges, vocab = {}, {i: bytes([i]) for i in range(256)}
+    while len(vocab) < 256 + 40:
+        counts = Counter(p for w in words for p in zip(w, w[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merged = vocab[best[0]] + vocab[best[1]]
+        new = next((i for i, b in vocab.items() if b == merged), len(vocab))
+        vocab[new] = merged
+        merges[best] = new
+        from llmnb.tokenizer import _merge
+
+        words = [_merge(w, best, new) for w in words]
+    assert fast.merges == merges
+
+
+def test_special_tokens_only_when_allowed(trained):
+    text = f"a{ENDOFTEXT}b"
+    assert trained.special_tokens[ENDOFTEXT] not in trained.encode(text)
+    assert trained.encode(text, allowed_special="all") == trained.encode("a") + [trained.special_tokens[ENDOFTEXT]] + trained.encode("b")
+    assert trained.decode(trained.encode(text, allowed_special="all")) == text
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        trained.encode(text, allowed_special={"<|nope|>"})
+
+
+def test_save_load_and_errors(trained, tmp_path):
+    loaded = BPETokenizer.load(trained.save(tmp_path / "bpe.json"))
+    assert loaded.encode("To be, or not to be") == trained.encode("To be, or not to be")
+    with pytest.raises(ValueError, match="not an llmnb BPE file"):
+        BPETokenizer.load(CharTokenizer("ab").save(tmp_path / "char.json"))
+    with pytest.raises(ValueError, match="not in this tokenizer's vocabulary"):
+        trained.decode([10**6])
+    with pytest.raises(ValueError, match="at least 256"):
+        train_bpe("abc", 100)
+
+
+def test_character_tokenizer(tmp_path):
+    tok = CharTokenizer.train("hello world")
+    assert tok.vocab_size == 8 and tok.decode(tok.encode("hello")) == "hello"
+    assert CharTokenizer.load(tok.save(tmp_path / "c.json")).encode("low") == tok.encode("low")
+    with pytest.raises(ValueError, match="not in this character vocabulary"):
+        tok.encode("xyz")
