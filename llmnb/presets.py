@@ -24,6 +24,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             inference_context=2048, inference_batch=1,
         ),
         "01": dict(vocab_size=1024, compression_sizes=[300, 512, 1024], val_fraction=0.1, toy_merges=8),
+        "03": dict(budget_seconds=10, max_steps=40, eval_interval=20, char_steps=40, scaling_steps=0, batch_size=8, block_size=64, n_layer=2),
         "02": dict(demo_layers=2, demo_width=64, demo_heads=4, kv_lengths=[16, 32, 64], kv_new_tokens=4, pattern_layer=3),
     },
     "cpu": {
@@ -33,6 +34,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             inference_context=4096, inference_batch=1,
         ),
         "01": dict(vocab_size=4096, compression_sizes=[300, 512, 1024, 2048, 4096, 8192], val_fraction=0.1, toy_merges=8),
+        "03": dict(budget_seconds=150, max_steps=None, eval_interval=100, char_steps=2000, scaling_steps=300, batch_size=16, block_size=128, n_layer=4),
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
     },
     "gpu": {
@@ -42,6 +44,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             inference_context=8192, inference_batch=8,
         ),
         "01": dict(vocab_size=16384, compression_sizes=[300, 1024, 4096, 8192, 16384, 32768], val_fraction=0.1, toy_merges=8),
+        "03": dict(budget_seconds=1200, max_steps=None, eval_interval=250, char_steps=5000, scaling_steps=2000, batch_size=32, block_size=512, n_layer=8),
         "02": dict(demo_layers=12, demo_width=768, demo_heads=12, kv_lengths=[256, 512, 1024, 2048, 4096], kv_new_tokens=16, pattern_layer=3),
     },
 }
