@@ -72,7 +72,7 @@ class TrainConfig:
     checkpoint_interval: int = 100  # 0: only the final one
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:\n"])
     sample_tokens: int = 48
-    memory_budget_gb: float | None = None  # refuse a configuration whose estimated peak exceeds this
+    memory_budget_gb: float | None = None  # refuse a configuration whose estimated peak exceeds this; None: this machine's memory
     peak_flops: float | None = None  # for MFU; None: the GPU's datasheet peak, or a measured CPU matmul
     save_hf: bool = True
 
@@ -173,16 +173,28 @@ def check_config(config: TrainConfig, vocab_size: int, val_tokens: int) -> GPTCo
         raise ValueError(f"the validation split has {val_tokens} tokens, fewer than a context of {config.block_size} + 1: lower block_size")
     if not 0 <= config.min_lr <= config.lr:
         raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={config.min_lr}, lr={config.lr}")
-    if config.memory_budget_gb is not None:
+    limit = config.memory_budget_gb if config.memory_budget_gb is not None else _available_memory_gb(pick_device(config.device))
+    if limit is not None:
         setup = budget.Setup(method="pretrain", batch=config.batch_size, seq_len=config.block_size,
                              precision="mixed" if config.precision in ("bf16", "fp16") else "fp32",
                              gradient_checkpointing=config.gradient_checkpointing)
         need = budget.estimate_memory(gpt.shape(), setup).total / 1e9
-        if need > config.memory_budget_gb:
-            raise ValueError(f"estimated peak memory {need:.2f} GB exceeds the budget of {config.memory_budget_gb} GB: "
+        if need > limit:
+            raise ValueError(f"estimated peak memory {need:.2f} GB exceeds the budget of {limit:.2f} GB: "
                              "lower batch_size (raise grad_accum to keep the tokens per step), block_size or the model size, "
                              "or turn on gradient_checkpointing")
     return gpt
+
+
+def _available_memory_gb(device: torch.device) -> float | None:
+    """GPU memory, or the RAM still available, in GB; None where unknown (mps)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1e9
+    if device.type == "cpu":
+        import psutil
+
+        return psutil.virtual_memory().available / 1e9
+    return None
 
 
 # --- checkpoints ------------------------------------------------------------------------------

@@ -107,6 +107,17 @@ def test_schedule_and_weight_decay_groups(data_dir, tmp_path):
     assert sum(p.numel() for p in decay["params"] + no_decay["params"]) == model.num_params()
 
 
+def test_gradient_checkpointing_gives_the_same_losses(data_dir, tmp_path):
+    train.train(config(data_dir, tmp_path / "plain", max_steps=4, save_hf=False), progress=False)
+    train.train(config(data_dir, tmp_path / "recompute", max_steps=4, save_hf=False, gradient_checkpointing=True), progress=False)
+    assert losses(tmp_path / "recompute") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+
+
+def test_a_model_too_big_for_this_machine_is_refused_by_default(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        train.train(config(data_dir, tmp_path, n_layer=48, n_embd=8192, n_head=64, batch_size=64), progress=False)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"n_embd": 30, "n_head": 4}, "divisible by n_head"),
     ({"block_size": 100_000}, "lower block_size"),
