@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import budget
 from .data import read_token_file
