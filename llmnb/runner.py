@@ -11,6 +11,7 @@ import ast
 import html
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -188,8 +189,6 @@ def write_report(results: list[NotebookResult], out_dir: Path, preset: str, para
 
 def _markdown_table_html(rows: list[str]) -> str:
     """A minimal HTML rendering of the report's own Markdown (headings, tables, images, text)."""
-    import re
-
     out, in_table = ["<!doctype html><meta charset='utf-8'><title>llmnb run</title><style>body{font-family:sans-serif;max-width:60em;margin:auto}td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style>"], False
     for row in rows:
         if row.startswith("|"):
@@ -217,8 +216,6 @@ def _markdown_table_html(rows: list[str]) -> str:
 
 
 def _inline(text: str) -> str:
-    import re
-
     text = html.escape(text)
     text = re.sub(r"\[(.*?)\]\((.*?)\)", r"<a href='\2'>\1</a>", text)
     text = re.sub(r"\*\*(.*?)\*\*", r"<b>\1</b>", text)

@@ -444,7 +444,7 @@ def load_tokenizer(data_dir: Path):
 
 @torch.no_grad()
 def sample(model: GPT, config: TrainConfig, data_dir: Path, device) -> list[str]:
-    """Greedy-free samples (temperature 0.8, top-k 40, fixed seed) from the configured prompts."""
+    """Sampled continuations of the configured prompts (temperature 0.8, top-k 40, fixed seed), as text."""
     from .tokenizer import BPETokenizer, CharTokenizer
 
     meta = json.loads((data_dir / "meta.json").read_text())
