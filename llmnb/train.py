@@ -294,6 +294,7 @@ def train(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, st
     windows = {"train": TokenWindows(data_dir / "train.bin", vocab, config.block_size, config.seed),
                "val": TokenWindows(data_dir / "val.bin", vocab, config.block_size, config.seed)}
     gpt_config = check_config(config, vocab, len(windows["val"].tokens))
+    tokenizer = text_tokenizer(data_dir, meta)  # built once, for the samples at every evaluation
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     model = GPT(gpt_config).to(device)
@@ -381,27 +382,25 @@ def train(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, st
         done = step + 1
         if done % config.eval_interval == 0 or done == config.max_steps:
             last = evaluate(trained, windows, config, device, amp)
-            samples = [] if fsdp else sample(model, config, data_dir, device)  # FSDP holds only a shard of each weight
+            samples = [] if fsdp else sample(model, config, tokenizer, device)  # FSDP holds only a shard of each weight
             evaluation = {"step": done, "event": "eval", **last, "val_perplexity": math.exp(last["val_loss"]), "samples": samples}
             write(evaluation)
             if on_eval and is_main:
                 on_eval(evaluation)
         if (config.checkpoint_interval and done % config.checkpoint_interval == 0) or done == config.max_steps or done == stop_after:
-            state = {"model": _full_state_dict(trained, model), "optimizer": None if fsdp else optimizer.state_dict(),
-                     "step": done, "rng": rng_state(), "config": asdict(config)}
+            saved = {"model": _full_state_dict(trained, model), "optimizer": None if fsdp else optimizer.state_dict(),
+                     "step": done, "rng": rng_state(), "config": asdict(config)}  # every rank takes part in gathering FSDP shards
             if is_main:
-                save_checkpoint(out_dir / "checkpoint.pt", state)
+                save_checkpoint(out_dir / "checkpoint.pt", saved)
         if done == stop_after:
             break
     if log:
         log.close()
     hf_dir = None
-    if config.save_hf and step + 1 == config.max_steps:
-        full = _full_state_dict(trained, model)  # every rank takes part in gathering FSDP shards
-        if is_main:
-            final = GPT(gpt_config)
-            final.load_state_dict(full)
-            hf_dir = save_hf(final, out_dir / "hf", data_dir)
+    if config.save_hf and step + 1 == config.max_steps and is_main:
+        final = GPT(gpt_config)
+        final.load_state_dict(saved["model"])  # the final step always writes a checkpoint
+        hf_dir = save_hf(final, out_dir / "hf", data_dir, meta)
     if distributed:
         torch.distributed.barrier()
     return TrainResult(out_dir, metrics_file, last["train_loss"], last["val_loss"], step + 1, time.perf_counter() - started, tokens_seen, hf_dir)
@@ -432,40 +431,36 @@ def _checkpoint_blocks(model: GPT) -> None:
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False) if torch.is_grad_enabled() else _f(*args)
 
 
-def load_tokenizer(data_dir: Path):
-    from transformers import PreTrainedTokenizerFast
+def text_tokenizer(data_dir: Path, meta: dict):
+    """The llmnb tokenizer named in meta.json: character level, or BPE from its tokenizer.json."""
+    from .tokenizer import BPETokenizer, CharTokenizer
 
-    meta = json.loads((data_dir / "meta.json").read_text())
     path = data_dir / meta["tokenizer"]
-    if path.name == "tokenizer.json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    return None
+    return CharTokenizer.load(path) if path.name == "char_tokenizer.json" else BPETokenizer.from_hf_json(path)
 
 
 @torch.no_grad()
-def sample(model: GPT, config: TrainConfig, data_dir: Path, device) -> list[str]:
+def sample(model: GPT, config: TrainConfig, tokenizer, device) -> list[str]:
     """Sampled continuations of the configured prompts (temperature 0.8, top-k 40, fixed seed), as text."""
-    from .tokenizer import BPETokenizer, CharTokenizer
-
-    meta = json.loads((data_dir / "meta.json").read_text())
-    path = data_dir / meta["tokenizer"]
-    tok = CharTokenizer.load(path) if path.name == "char_tokenizer.json" else BPETokenizer.from_hf_json(path)
     out = []
     for prompt in config.sample_prompts:
-        ids = torch.tensor([tok.encode(prompt)], device=device)
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         n = min(config.sample_tokens, config.block_size - ids.shape[1])
         if n <= 0:
             continue
         result = model.generate(ids, n, temperature=0.8, top_k=40, seed=config.seed)
-        out.append(tok.decode(result[0].tolist()))
+        out.append(tokenizer.decode(result[0].tolist()))
     return out
 
 
-def save_hf(model: GPT, folder: Path, data_dir: Path) -> Path:
-    """The trained model as a Hugging Face folder, with its tokenizer when it has a tokenizer.json."""
-    tokenizer = load_tokenizer(data_dir)
-    eot = json.loads((data_dir / "meta.json").read_text()).get("end_of_text")
-    model.config.eos_token_id = model.config.bos_token_id = eot
+def save_hf(model: GPT, folder: Path, data_dir: Path, meta: dict) -> Path:
+    """The trained model as a Hugging Face folder, with its tokenizer when the data has a tokenizer.json."""
+    tokenizer = None
+    if meta["tokenizer"] == "tokenizer.json":
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data_dir / meta["tokenizer"]), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    model.config.eos_token_id = model.config.bos_token_id = meta.get("end_of_text")
     to_hf(model, folder, tokenizer)
     return folder
 
