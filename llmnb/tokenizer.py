@@ -148,17 +148,12 @@ class BPETokenizer:
     # --- persistence ---------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        data = {"type": "llmnb-bpe", "version": 1, "pattern": self.pattern, "byte_ids": self.byte_ids,
-                "merges": [[a, b, new] for (a, b), new in self.merges.items()], "special_tokens": self.special_tokens}
-        path.write_text(json.dumps(data), encoding="utf-8")
-        return path
+        return _save_json(path, "llmnb-bpe", {"version": 1, "pattern": self.pattern, "byte_ids": self.byte_ids,
+                                              "merges": [[a, b, new] for (a, b), new in self.merges.items()], "special_tokens": self.special_tokens})
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("type") != "llmnb-bpe":
-            raise ValueError(f"{path} is not an llmnb BPE file; for a Hugging Face tokenizer.json use BPETokenizer.from_hf_json")
+        data = _load_json(path, "llmnb-bpe", "an llmnb BPE file; for a Hugging Face tokenizer.json use BPETokenizer.from_hf_json")
         return cls({(a, b): new for a, b, new in data["merges"]}, data["byte_ids"], data["pattern"], data["special_tokens"])
 
     @classmethod
@@ -329,13 +324,22 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps({"type": "llmnb-char", "chars": self.chars}), encoding="utf-8")
-        return path
+        return _save_json(path, "llmnb-char", {"chars": self.chars})
 
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("type") != "llmnb-char":
-            raise ValueError(f"{path} is not an llmnb character tokenizer file")
-        return cls(data["chars"])
+        return cls(_load_json(path, "llmnb-char", "an llmnb character tokenizer file")["chars"])
+
+
+def _save_json(path: str | Path, kind: str, payload: dict) -> Path:
+    """Write a tokenizer file tagged with its kind, so that loading the wrong kind fails clearly."""
+    path = Path(path)
+    path.write_text(json.dumps({"type": kind, **payload}), encoding="utf-8")
+    return path
+
+
+def _load_json(path: str | Path, kind: str, what: str) -> dict:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("type") != kind:
+        raise ValueError(f"{path} is not {what}")
+    return data
