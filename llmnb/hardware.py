@@ -1,10 +1,12 @@
-"""Device, precision and reproducibility helpers, and a report of the machine."""
+"""Device, precision and reproducibility helpers, the process group's rank, memory readings, and a report of the machine."""
 from __future__ import annotations
 
 import os
 import platform
 import random
+import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -14,6 +16,43 @@ import psutil
 import torch
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "bitsandbytes", "accelerate")
+
+
+def world_size() -> int:
+    """Processes in the run: torchrun sets WORLD_SIZE; 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def resident_bytes(pid: int | None = None) -> tuple[int, int]:
+    """(current, peak) resident memory of a process (default: this one).
+
+    Linux keeps the peak itself (VmHWM in /proc); elsewhere the peak of this process comes
+    from ru_maxrss, and another process's is its current RSS (sample it to find a peak).
+    """
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError):
+        if pid is not None and pid != os.getpid():
+            rss = psutil.Process(pid).memory_info().rss
+            return rss, rss
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+        return psutil.Process().memory_info().rss, peak
+
+
+def reset_peak_resident() -> None:
+    """Reset Linux's peak-RSS counter of this process to its current RSS (no-op where unsupported)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -105,6 +144,18 @@ def machine_info(path: str = ".") -> MachineInfo:
         python=platform.python_version(),
         libraries=versions,
     )
+
+
+def peak_flops(device: torch.device | str = "cpu") -> float:
+    """The FLOP/s that MFU is measured against: a GPU's datasheet peak, else a measured matmul."""
+    from .budget import gpu_peak_flops
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        found = gpu_peak_flops(torch.cuda.get_device_name(device))
+        if found is not None:
+            return found
+    return measure_matmul_flops(device, size=1024, seconds=0.5)
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:

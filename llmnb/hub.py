@@ -1,12 +1,15 @@
 """Decide once, quickly, whether the Hugging Face hub is reachable, and go offline if not.
 
 `huggingface_hub` reads `HF_HUB_OFFLINE` when it is imported; without it every failed
-lookup retries for ~25 s. So `import llmnb` settles the question before anything
-imports transformers: an explicit `HF_HUB_OFFLINE` wins, otherwise one TCP connect
-with a short timeout decides.
+lookup retries for ~25 s. So the question is settled just before anything imports
+`huggingface_hub` (transformers, datasets, peft and trl all do): `import llmnb` installs
+an import hook that probes then, and only then. Importing llmnb's model code, which
+needs no hub, opens no connection. An explicit `HF_HUB_OFFLINE` wins, otherwise one TCP
+connect with a short timeout decides.
 """
 from __future__ import annotations
 
+import importlib.abc
 import os
 import socket
 import sys
@@ -57,3 +60,21 @@ def configure_hub() -> bool:
                 stacklevel=2,
             )
     return is_offline()
+
+
+class _SettleBeforeHubImport(importlib.abc.MetaPathFinder):
+    """Runs `configure_hub` the first time anything imports `huggingface_hub`, then steps aside."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "huggingface_hub" and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            configure_hub()
+        return None  # the normal finders do the import
+
+
+def settle_on_first_use() -> None:
+    """Probe when the hub library is first imported; at once if it was imported already."""
+    if "huggingface_hub" in sys.modules:
+        configure_hub()
+    elif not any(isinstance(f, _SettleBeforeHubImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SettleBeforeHubImport())

@@ -10,17 +10,23 @@ covers both families by configuration.
 Attention runs through `F.scaled_dot_product_attention`, or through the plain-math
 path (`attention="math"`) used to teach and to test. `to_hf` / `from_hf` move weights
 to and from `GPT2LMHeadModel` / `LlamaForCausalLM` with identical logits.
+
+Every matrix is its own `nn.Linear`, named as Llama names them (`q_proj`, `k_proj`,
+`v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so that an adapter or a
+quantized layer addresses the query and value projections separately, with the same
+target names `peft` uses. GPT-2's fused `c_attn` matrix is split into q, k and v by the
+bridge. Sampling lives in `llmnb.generate`; `token_logprobs` scores given text.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import budget
 
@@ -62,6 +68,12 @@ class GPTConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.flavour == "gpt2":  # what GPT2LMHeadModel can hold, so that every model exports
+            fixed = {"bias": (self.bias, True), "tie_embeddings": (self.tie_embeddings, True), "n_kv_head": (self.n_kv_head, self.n_head)}
+            wrong = {k: v for k, (v, need) in fixed.items() if v != need}
+            if wrong:
+                raise ValueError(f"the GPT-2 flavour has biases, tied embeddings and one key/value head per query head; "
+                                 f"got {wrong}: use GPTConfig.llama(...) for a model without them")
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +92,22 @@ class GPTConfig:
         if "d_ff" not in overrides:  # SwiGLU keeps the MLP's parameters at ~8d^2: width 8/3 d, rounded up to 64
             config.d_ff = 64 * math.ceil(8 * config.n_embd / 3 / 64)
         return config
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        """The config stored in a checkpoint (`dataclasses.asdict`), refusing names this version does not know."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {unknown}: the checkpoint was written by another llmnb version")
+        return cls(**values)
+
+    @classmethod
+    def from_shape(cls, shape: budget.ModelShape, block_size: int = 1024, **overrides) -> GPTConfig:
+        """A model with the sizes of one of `llmnb.budget`'s shapes (to measure what the calculator estimates)."""
+        make = cls.llama if shape.gated_mlp else cls.gpt2
+        extra = {"bias": shape.bias, "tie_embeddings": shape.tied_embeddings, "n_kv_head": shape.n_kv_head} if shape.gated_mlp else {}
+        return make(vocab_size=shape.vocab_size, block_size=shape.learned_positions or block_size, n_layer=shape.n_layer,
+                    n_head=shape.n_head, n_embd=shape.d_model, d_ff=shape.d_ff, **extra, **overrides)
 
     def shape(self) -> budget.ModelShape:
         """The same sizes as `llmnb.budget` sees them (notebook 00's calculator)."""
@@ -151,26 +179,29 @@ def attention_math(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Te
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head (or grouped-query) attention; q, k, v and the output are separate linear layers."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         kv_dim = config.n_kv_head * config.head_dim
-        self.qkv = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([c.n_embd, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], dim=-1)
-        q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)
-        k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
-        v = v.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, c.n_head, c.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = self.v_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)
+            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hs)
         if c.n_kv_head != c.n_head:  # each group of query heads shares one key/value head
             k = k.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
             v = v.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
@@ -180,7 +211,7 @@ class CausalSelfAttention(nn.Module):
         else:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c.n_embd))
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.n_embd))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -189,14 +220,14 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.gated = config.flavour == "llama"
-        self.up = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
-        self.gate = nn.Linear(config.n_embd, config.d_ff, bias=config.bias) if self.gated else None
-        self.down = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.gate_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias) if self.gated else None
+        self.down_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -227,9 +258,10 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False  # recompute each block's activations in backward instead of keeping them
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -277,7 +309,10 @@ class GPT(nn.Module):
         mask = None if attention_mask is None else self._mask(attention_mask, past, t)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.length += t
         return self.norm_f(x)
@@ -317,7 +352,7 @@ class GPT(nn.Module):
     def kv_cache_bytes_per_token(self, dtype: str = "fp32") -> float:
         return self.config.shape().kv_cache_bytes_per_token(dtype)
 
-    # --- generation ----------------------------------------------------------------------------
+    # --- decoding layout ------------------------------------------------------------------------
 
     def for_decoding(self) -> GPT:
         """Store every block matrix as (in, out) in memory: same shapes, same values, returns self.
@@ -332,168 +367,111 @@ class GPT(nn.Module):
                     module.weight.data = module.weight.data.t().contiguous().t()
         return self
 
-    @torch.no_grad()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                        top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: list[int] | None = None,
-                        attention_mask: torch.Tensor | None = None, seed: int | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
-        """Yield the next token of every row, (batch,), as it is produced.
 
-        temperature 0 is greedy. Rows that produced a stop token keep yielding it. Prompts
-        of different lengths are left-padded, with `attention_mask` marking real tokens.
-        """
-        _check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, self.config.block_size)
-        if max_new_tokens == 0:
-            return
-        b, t = idx.shape
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=idx.device).manual_seed(seed)
-        stops = torch.tensor(stop_tokens or [], device=idx.device, dtype=torch.long)
-        done = torch.zeros(b, dtype=torch.bool, device=idx.device)
-        mask = attention_mask.clone().long() if attention_mask is not None else None  # None: no padding, the causal fast path
-        seq = idx
-        cache = KVCache(self.config, b, t + max_new_tokens, idx.device, self.wte.weight.dtype) if use_cache else None
-        step_input = idx
-        was_training = self.training
-        self.eval()
-        try:
-            for _ in range(max_new_tokens):
-                if cache is not None:
-                    hidden = self.hidden_states(step_input, attention_mask=mask, cache=cache)
-                else:
-                    hidden = self.hidden_states(seq, attention_mask=mask)
-                logits = self.lm_head(hidden[:, -1, :]).float()  # only the last position's logits are needed
-                next_token = _sample(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
-                if stops.numel():
-                    next_token = torch.where(done, stops[0], next_token)
-                    done |= torch.isin(next_token, stops)
-                seq = torch.cat([seq, next_token[:, None]], dim=1)
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-                step_input = next_token[:, None]
-                yield next_token
-                if stops.numel() and bool(done.all()):
-                    return
-        finally:
-            self.train(was_training)
+def token_logprobs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t = 1 .. T-1, shape (batch, T-1), in fp32; 0 where the target is padding.
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, on_token: Callable[[torch.Tensor], None] | None = None, **options) -> torch.Tensor:
-        """The prompt followed by up to `max_new_tokens` new tokens; options as `generate_stream`."""
-        new = []
-        for token in self.generate_stream(idx, max_new_tokens, **options):
-            new.append(token)
-            if on_token is not None:
-                on_token(token)
-        return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
-
-
-def _check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size) -> None:
-    if idx.dim() != 2 or idx.shape[1] == 0:
-        raise ValueError(f"the prompt must be a (batch, length) tensor with at least one token, got shape {tuple(idx.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if idx.shape[1] + max_new_tokens > block_size:
-        raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of {block_size} tokens: shorten one of them")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {repetition_penalty}")
-
-
-def _sample(logits, seq, temperature, top_k, top_p, repetition_penalty, generator) -> torch.Tensor:
-    """The next token from last-position logits, in Hugging Face's order: penalty, temperature, top-k, top-p."""
-    if repetition_penalty != 1.0:
-        seen = logits.gather(1, seq)
-        logits = logits.scatter(1, seq, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    The base of the SFT loss, DPO, PPO and perplexity. `model` is llmnb's GPT or any
+    `transformers` causal LM (the same call, `model(ids, attention_mask=...)`, serves
+    both). Pad on the right: then positions, and so the two, agree token for token.
+    """
+    out = model(ids, attention_mask=attention_mask)
+    logits = out.logits if hasattr(out, "logits") else out[0]  # (B, T, vocab)
+    targets = ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    # log_softmax(logits)[target] as a cross-entropy: no (B, T, vocab) log-probability tensor is kept
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return -nll.view_as(targets)
 
 
 # --- the Hugging Face bridge ------------------------------------------------------------------
 
 
-def _hf_config(config: GPTConfig):
+def hf_config(config: GPTConfig):
+    """The `GPT2Config` / `LlamaConfig` of a model with `config`: the one mapping between the two worlds."""
+    special = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}  # None stays None (GPT2Config would say 50256)
     if config.flavour == "gpt2":
         from transformers import GPT2Config
 
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
                           n_head=config.n_head, n_inner=config.d_ff, activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
-                          resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout, tie_word_embeddings=True,
-                          **_special_tokens(config))
+                          resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout, tie_word_embeddings=True, **special)
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=config.vocab_size, max_position_embeddings=config.block_size, hidden_size=config.n_embd,
                        intermediate_size=config.d_ff, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
                        num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
                        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, attention_bias=config.bias,
-                       mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings, **_special_tokens(config))
+                       mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings, attention_dropout=config.dropout, **special)
 
 
-def _special_tokens(config: GPTConfig) -> dict:
-    """bos/eos ids for a Hugging Face config; None where unknown (GPT2Config would default to 50256)."""
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+def _key_map(config: GPTConfig) -> dict[str, str]:
+    """Our parameter name -> the Hugging Face name, for every parameter stored one to one.
 
-
-def _key_map(config: GPTConfig) -> dict[str, tuple[str, bool]]:
-    """Our parameter name -> (Hugging Face name, transpose?). GPT-2's Conv1D stores (in, out)."""
-    names: dict[str, tuple[str, bool]] = {}
+    GPT-2's fused `c_attn` (q, k and v in one Conv1D) is handled apart, in `_split_c_attn`.
+    """
+    names: dict[str, str] = {}
+    parts = ["weight", "bias"] if config.bias else ["weight"]
     if config.flavour == "gpt2":
-        names |= {"wte.weight": ("transformer.wte.weight", False), "wpe.weight": ("transformer.wpe.weight", False),
-                  "norm_f.weight": ("transformer.ln_f.weight", False), "norm_f.bias": ("transformer.ln_f.bias", False)}
+        names |= {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
+                  "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}
+        layer = [("norm1", "ln_1"), ("attn.o_proj", "attn.c_proj"), ("norm2", "ln_2"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")]
         for i in range(config.n_layer):
-            h = f"transformer.h.{i}"
-            for ours, theirs, transpose in [("norm1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
-                                            ("norm2", "ln_2", False), ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)]:
-                names[f"blocks.{i}.{ours}.weight"] = (f"{h}.{theirs}.weight", transpose)
-                names[f"blocks.{i}.{ours}.bias"] = (f"{h}.{theirs}.bias", False)
+            names |= {f"blocks.{i}.{ours}.{p}": f"transformer.h.{i}.{theirs}.{p}" for ours, theirs in layer for p in parts}
         return names
-    names |= {"wte.weight": ("model.embed_tokens.weight", False), "norm_f.weight": ("model.norm.weight", False)}
+    names |= {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
     if not config.tie_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight", False)
+        names["lm_head.weight"] = "lm_head.weight"
     for i in range(config.n_layer):
         h = f"model.layers.{i}"
-        for ours, theirs in [("norm1", "input_layernorm"), ("attn.proj", "self_attn.o_proj"), ("norm2", "post_attention_layernorm"),
-                             ("mlp.up", "mlp.up_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.down", "mlp.down_proj")]:
-            names[f"blocks.{i}.{ours}.weight"] = (f"{h}.{theirs}.weight", False)
-            if config.bias and ours != "norm1" and ours != "norm2":
-                names[f"blocks.{i}.{ours}.bias"] = (f"{h}.{theirs}.bias", False)
+        names |= {f"blocks.{i}.norm1.weight": f"{h}.input_layernorm.weight", f"blocks.{i}.norm2.weight": f"{h}.post_attention_layernorm.weight"}
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            names |= {f"blocks.{i}.attn.{proj}.{p}": f"{h}.self_attn.{proj}.{p}" for p in parts}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            names |= {f"blocks.{i}.mlp.{proj}.{p}": f"{h}.mlp.{proj}.{p}" for p in parts}
     return names
 
 
-def _qkv_names(i: int) -> list[str]:
-    return [f"model.layers.{i}.self_attn.{p}_proj" for p in "qkv"]
+# GPT-2 stores its matrices as Conv1D, (in, out): transposed against nn.Linear's (out, in).
+_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _to_theirs(config: GPTConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    theirs = {hf: ours[name].t() if hf.endswith(_CONV1D) else ours[name] for name, hf in _key_map(config).items()}
+    if config.flavour == "gpt2":
+        for i in range(config.n_layer):
+            a = f"blocks.{i}.attn"
+            theirs[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([ours[f"{a}.{p}_proj.weight"] for p in "qkv"]).t()
+            theirs[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([ours[f"{a}.{p}_proj.bias"] for p in "qkv"])
+    return theirs
+
+
+def _to_ours(config: GPTConfig, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ours = {name: theirs[hf].t() if hf.endswith(_CONV1D) else theirs[hf] for name, hf in _key_map(config).items()}
+    if config.flavour == "gpt2":
+        for i in range(config.n_layer):
+            h, a = f"transformer.h.{i}.attn.c_attn", f"blocks.{i}.attn"
+            for p, w, b in zip("qkv", theirs[f"{h}.weight"].t().chunk(3), theirs[f"{h}.bias"].chunk(3)):
+                ours[f"{a}.{p}_proj.weight"], ours[f"{a}.{p}_proj.bias"] = w, b
+    if config.tie_embeddings:
+        ours["lm_head.weight"] = ours["wte.weight"]
+    return ours
 
 
 def to_hf(model: GPT, path: str | Path | None = None, tokenizer=None):
-    """A `GPT2LMHeadModel` / `LlamaForCausalLM` with our weights; saved (safetensors, config, tokenizer) when `path` is given."""
+    """A `GPT2LMHeadModel` / `LlamaForCausalLM` with our weights; saved (safetensors, config, tokenizer) when `path` is given.
+
+    A folder is written only with its tokenizer: without one, `AutoTokenizer` would load an
+    empty tokenizer from it without any error.
+    """
     from transformers import AutoModelForCausalLM
 
+    if path is not None and tokenizer is None:
+        raise ValueError("to_hf(model, path) needs the tokenizer too: a model folder without one loads in AutoTokenizer as an empty tokenizer")
     config = model.config
-    hf = AutoModelForCausalLM.from_config(_hf_config(config))
-    ours = model.state_dict()
-    theirs = {}
-    for name, (hf_name, transpose) in _key_map(config).items():
-        theirs[hf_name] = ours[name].t() if transpose else ours[name]
-    if config.flavour == "llama":
-        kv = config.n_kv_head * config.head_dim
-        for i in range(config.n_layer):
-            for part in ("weight", "bias") if config.bias else ("weight",):
-                chunks = ours[f"blocks.{i}.attn.qkv.{part}"].split([config.n_embd, kv, kv], dim=0)
-                theirs.update({f"{n}.{part}": c for n, c in zip(_qkv_names(i), chunks)})
+    hf = AutoModelForCausalLM.from_config(hf_config(config))
+    theirs = _to_theirs(config, model.state_dict())
     missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=False)
     missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight") and ".attn.bias" not in m and "masked_bias" not in m]
     if missing or unexpected:
@@ -502,51 +480,53 @@ def to_hf(model: GPT, path: str | Path | None = None, tokenizer=None):
         hf.tie_weights()
     hf = hf.to(model.wte.weight.dtype).eval()
     if path is not None:
-        hf.save_pretrained(path)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        from .paths import write_atomic
+
+        def write(folder: Path) -> None:
+            hf.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+
+        write_atomic(path, write)
     return hf
 
 
-def from_hf(source, attention: str = "sdpa") -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 or Llama model (a model object, a folder or a name in llmnb.models)."""
-    if isinstance(source, (str, Path)):
-        from transformers import AutoModelForCausalLM
-
-        from .models import resolve_model
-
-        source = AutoModelForCausalLM.from_pretrained(resolve_model(str(source)), dtype=torch.float32)
-    hf_config = source.config
+def config_from_hf(hf_config, attention: str = "sdpa") -> GPTConfig:
+    """Our GPTConfig for a `transformers` GPT-2 or Llama config; refuses what our GPT cannot represent."""
     common = dict(vocab_size=hf_config.vocab_size, n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
                   n_embd=hf_config.hidden_size, attention=attention, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id)
     if hf_config.model_type == "gpt2":
         act = hf_config.activation_function
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"GPT-2 checkpoint uses activation {act!r}; llmnb's GPT-2 flavour implements the tanh GELU only")
-        config = GPTConfig.gpt2(block_size=hf_config.n_positions, d_ff=hf_config.n_inner or 4 * hf_config.hidden_size,
-                                norm_eps=hf_config.layer_norm_epsilon, **common)
-    elif hf_config.model_type == "llama":
+        return GPTConfig.gpt2(block_size=hf_config.n_positions, d_ff=hf_config.n_inner or 4 * hf_config.hidden_size,
+                              norm_eps=hf_config.layer_norm_epsilon, **common)
+    if hf_config.model_type == "llama":
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
             raise ValueError("this Llama checkpoint's head_dim * heads differs from its width; llmnb's GPT does not support that layout")
         rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"RoPE scaling {rope['rope_type']!r} is not implemented in llmnb's GPT; only the default rotation")
-        config = GPTConfig.llama(block_size=hf_config.max_position_embeddings, n_kv_head=hf_config.num_key_value_heads,
-                                 d_ff=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps, rope_theta=rope["rope_theta"],
-                                 bias=bool(hf_config.attention_bias), tie_embeddings=bool(hf_config.tie_word_embeddings), **common)
-    else:
-        raise ValueError(f"model type {hf_config.model_type!r} is not supported: llmnb's GPT loads 'gpt2' and 'llama' checkpoints")
+        if bool(getattr(hf_config, "mlp_bias", False)) != bool(hf_config.attention_bias):
+            raise ValueError("this Llama checkpoint has biases in attention or in the MLP but not both; llmnb's GPT has them everywhere or nowhere")
+        return GPTConfig.llama(block_size=hf_config.max_position_embeddings, n_kv_head=hf_config.num_key_value_heads,
+                               d_ff=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps, rope_theta=rope["rope_theta"],
+                               bias=bool(hf_config.attention_bias), tie_embeddings=bool(hf_config.tie_word_embeddings), **common)
+    raise ValueError(f"model type {hf_config.model_type!r} is not supported: llmnb's GPT loads 'gpt2' and 'llama' checkpoints")
+
+
+def from_hf(source, attention: str = "sdpa") -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 or Llama model: a `transformers` model or a folder.
+
+    Names (registry names, hub ids) are resolved by `llmnb.checkpoint`, which calls this.
+    """
+    if isinstance(source, (str, Path)):
+        from transformers import AutoModelForCausalLM
+
+        if not (Path(source) / "config.json").is_file():
+            raise FileNotFoundError(f"{source} holds no config.json: pass a Hugging Face model folder, or use llmnb.checkpoint.load for names")
+        source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    config = config_from_hf(source.config, attention)
     model = GPT(config)
-    theirs = source.state_dict()
-    ours = {}
-    for name, (hf_name, transpose) in _key_map(config).items():
-        ours[name] = theirs[hf_name].t() if transpose else theirs[hf_name]
-    if config.flavour == "llama":
-        for i in range(config.n_layer):
-            for part in ("weight", "bias") if config.bias else ("weight",):
-                ours[f"blocks.{i}.attn.qkv.{part}"] = torch.cat([theirs[f"{n}.{part}"] for n in _qkv_names(i)], dim=0)
-    if config.tie_embeddings:
-        ours["lm_head.weight"] = ours["wte.weight"]
-    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
+    model.load_state_dict({k: v.float() for k, v in _to_ours(config, source.state_dict()).items()}, strict=True)
     return model.eval()

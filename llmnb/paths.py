@@ -6,6 +6,8 @@ uses the current folder. `LLMNB_HOME` overrides both, for a shared cache.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -35,3 +37,30 @@ def data_dir(*parts: str) -> Path:
 
 def notebooks_dir() -> Path:
     return project_root() / "notebooks"
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place.
+
+    A crash mid-write leaves the previous file (or none), never a half-written one that
+    looks finished: the rename is atomic on the same file system. `path` may be a folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        write(tmp)
+        if path.is_dir() and tmp.is_dir():  # a folder cannot be renamed over a non-empty one
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+    return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 from tqdm.auto import tqdm
 
+from .hardware import resident_bytes
 from .paths import notebooks_dir, outputs_dir
 from .presets import resolve_preset
 from .record import read_records
@@ -71,7 +72,7 @@ class PeakMemory:
         while not self._stop.is_set():
             for child in me.children(recursive=True):
                 try:
-                    self.peak = max(self.peak, _peak_rss(child))
+                    self.peak = max(self.peak, resident_bytes(child.pid)[1])
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
             self._stop.wait(self.interval)
@@ -83,18 +84,6 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _peak_rss(process: psutil.Process) -> int:
-    """Linux keeps the peak (VmHWM) itself; elsewhere the current RSS is sampled."""
-    try:
-        with open(f"/proc/{process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return process.memory_info().rss
 
 
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "python3") -> NotebookResult:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import regex
 
+from .paths import write_atomic
+
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 ENDOFTEXT = "<|endoftext|>"
@@ -213,9 +215,7 @@ class BPETokenizer:
         added = {content: tok.token_to_id(content) for content in self.special_tokens}
         if added != self.special_tokens:
             raise ValueError(f"special tokens need ids right after the vocabulary to export; got {added}, have {self.special_tokens}")
-        path = Path(path)
-        tok.save(str(path))
-        return path
+        return write_atomic(path, lambda tmp: tok.save(str(tmp)))
 
 
 def _hf_pattern(pre_tokenizer: dict | None) -> str:
@@ -333,9 +333,8 @@ class CharTokenizer:
 
 def _save_json(path: str | Path, kind: str, payload: dict) -> Path:
     """Write a tokenizer file tagged with its kind, so that loading the wrong kind fails clearly."""
-    path = Path(path)
-    path.write_text(json.dumps({"type": kind, **payload}), encoding="utf-8")
-    return path
+    text = json.dumps({"type": kind, **payload})
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _load_json(path: str | Path, kind: str, what: str) -> dict:

@@ -1,13 +1,18 @@
-"""Pretraining: a correct, resumable, measured training loop for llmnb's GPT, on one process or under torchrun.
+"""Training: a correct, resumable, measured loop for llmnb's GPT, in parts that every later stage calls.
 
-    python -m llmnb.train --config run.json                       # one process
-    torchrun --nproc-per-node 2 -m llmnb.train --config run.json  # DDP (gloo on CPU, NCCL on GPU)
+    python -m llmnb.train --config run.json                       # pretraining, one process
+    torchrun --nproc-per-node 2 -m llmnb.train --config run.json  # DDP (gloo on CPU, NCCL on GPU), or FSDP
 
-AdamW with weight-decay groups, linear warmup then cosine decay, gradient accumulation
-and clipping, bf16/fp16 autocast where it pays, a deterministic data order (the batch of
-step s is a function of the seed and s alone), evaluation on fixed batches, atomic
-checkpoints with optimizer and RNG state, a JSONL metrics log with tokens/s and MFU, and
-a final Hugging Face folder that `transformers.pipeline` loads.
+The parts, as in rasbt's `train_model_simple(model, train_loader, val_loader, optimizer, ...)`:
+`make_optimizer` (AdamW over the parameters that train, weight-decay groups), `learning_rate`
+(warmup then cosine), `train_step` (one optimisation step: micro-batches, clipping, the
+gradient scaler), `evaluate` (fixed batches), and `train(model, data, config)`, the loop
+that takes a model and its batches from the caller: token windows for pretraining,
+prompt-masked pairs for fine-tuning, a frozen base with adapters, anything with
+`batch(step, micro, batch_size, device)`. It resumes from its checkpoint, writes
+JSONL metrics, and says so when the run is already finished. `pretrain(config)` builds
+the model (new, or from any checkpoint `llmnb.checkpoint.load` takes) and the token
+windows, and calls `train`.
 """
 from __future__ import annotations
 
@@ -20,26 +25,27 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 from . import budget
-from .data import read_token_file
-from .hardware import autocast_dtype, measure_matmul_flops, pick_device, seed_everything
+from .checkpoint import CHECKPOINT_FILE, bpe_as_hf, load, read_checkpoint, save_checkpoint, tokenizer_from_state
+from .data import TokenWindows, read_meta, read_tokens
+from .generate import generate
+from .hardware import autocast_dtype, peak_flops, pick_device, rank, seed_everything, world_size
 from .model import GPT, GPTConfig, to_hf
 
-EVAL_STEPS = 10**12  # evaluation batches are drawn as if from these step numbers
-# Dense bf16/fp16 peak of common GPUs (datasheets), for MFU; other devices use a measured matmul.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "T4": 65e12, "V100": 125e12}
+EVAL_STEPS = 10**12  # evaluation batches are drawn as if from these step numbers, a stream training never reaches
 
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "outputs/data/shakespeare-bpe"  # train.bin, val.bin and meta.json from notebook 01
+    data_dir: str = "outputs/data/shakespeare-bpe"  # train.bin, val.bin and meta.json (llmnb.data.prepare_token_dataset)
     out_dir: str = "outputs/pretrain/run"
-    # model
+    # model: new with these sizes, or from anything llmnb.checkpoint.load takes (then the sizes are the checkpoint's)
+    init_from: str | None = None
     flavour: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
@@ -65,13 +71,14 @@ class TrainConfig:
     seed: int = 1337
     device: str | None = None
     distributed: str = "ddp"  # under torchrun: ddp or fsdp
-    # evaluation, samples, checkpoints
+    # logging, evaluation, samples, checkpoints
+    log_interval: int = 10  # steps between metric records: the loss is read back from the device (a sync) only then
     eval_interval: int = 50
     eval_batches: int = 10
     checkpoint_interval: int = 100  # 0: only the final one
     sample_prompts: list[str] = field(default_factory=lambda: ["ROMEO:\n"])
     sample_tokens: int = 48
-    memory_budget_gb: float | None = None  # refuse a configuration whose estimated peak exceeds this; None: this machine's memory
+    memory_budget_gb: float | None = None  # refuse a model whose estimated training peak exceeds this; None: this machine's memory
     peak_flops: float | None = None  # for MFU; None: the GPU's datasheet peak, or a measured CPU matmul
     save_hf: bool = True
 
@@ -88,45 +95,11 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.block_size * world_size()
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     make = GPTConfig.gpt2 if config.flavour == "gpt2" else GPTConfig.llama
     extra = {"n_kv_head": config.n_kv_head} if config.flavour == "llama" else {}
     return make(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
                 n_embd=config.n_embd, dropout=config.dropout, **extra)
-
-
-# --- data --------------------------------------------------------------------------------------
-
-
-class TokenWindows:
-    """Random (input, target) windows from a memory-mapped token file, in a reproducible order.
-
-    The batch of (step, micro-step) is drawn from a generator seeded by (seed, step, micro):
-    a resumed run sees exactly the batches an uninterrupted one would, and under DDP each
-    rank takes its slice of the same global batch that one process would draw whole.
-    """
-
-    def __init__(self, path: Path, vocab_size: int, block_size: int, seed: int):
-        self.tokens = read_token_file(path, vocab_size)
-        self.block_size, self.seed = block_size, seed
-        if len(self.tokens) <= block_size + 1:
-            raise ValueError(f"{path} holds {len(self.tokens)} tokens, fewer than a context of {block_size} + 1: lower block_size")
-
-    def batch(self, step: int, micro: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = np.random.default_rng([self.seed, step, micro])
-        starts = generator.integers(0, len(self.tokens) - self.block_size - 1, batch_size * world_size())
-        starts = starts[rank() * batch_size:(rank() + 1) * batch_size]
-        rows = np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
-        rows = torch.from_numpy(rows).to(device)
-        return rows[:, :-1], rows[:, 1:]
 
 
 # --- optimisation ------------------------------------------------------------------------------
@@ -140,8 +113,15 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
+class Batches(Protocol):
+    """What the loop trains on: the batch of (step, micro-step), the same every time it is asked for."""
+
+    def batch(self, step: int, micro: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on the matrices only: not on norms and biases, nor on embeddings unless asked."""
+    """AdamW over the parameters that train (requires_grad), with weight decay on the matrices only:
+    not on norms and biases, nor on embeddings unless asked. Frozen parameters get no optimizer state."""
     decay, no_decay, seen = [], [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
@@ -149,6 +129,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = Fa
         seen.add(id(p))
         is_embedding = "wte" in name or "wpe" in name
         (decay if p.dim() >= 2 and (config.decay_embeddings or not is_embedding) else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("no parameter of the model requires a gradient: unfreeze some (or attach adapters) before training")
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused or None)
 
@@ -162,27 +144,34 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype 
     return table[config.precision]
 
 
-def check_config(config: TrainConfig, vocab_size: int, val_tokens: int) -> GPTConfig:
-    """Refuse impossible configurations before any training, saying what to change."""
-    gpt = model_config(config, vocab_size)  # raises for heads that do not divide the width, and so on
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):
+def check_config(config: TrainConfig) -> None:
+    """Refuse impossible optimisation settings before any training, saying what to change."""
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if val_tokens <= config.block_size + 1:
-        raise ValueError(f"the validation split has {val_tokens} tokens, fewer than a context of {config.block_size} + 1: lower block_size")
     if not 0 <= config.min_lr <= config.lr:
         raise ValueError(f"need 0 <= min_lr <= lr, got min_lr={config.min_lr}, lr={config.lr}")
-    limit = config.memory_budget_gb if config.memory_budget_gb is not None else _available_memory_gb(pick_device(config.device))
-    if limit is not None:
-        setup = budget.Setup(method="pretrain", batch=config.batch_size, seq_len=config.block_size,
-                             precision="mixed" if config.precision in ("bf16", "fp16") else "fp32",
-                             gradient_checkpointing=config.gradient_checkpointing)
-        need = budget.estimate_memory(gpt.shape(), setup).total / 1e9
-        if need > limit:
-            raise ValueError(f"estimated peak memory {need:.2f} GB exceeds the budget of {limit:.2f} GB: "
-                             "lower batch_size (raise grad_accum to keep the tokens per step), block_size or the model size, "
-                             "or turn on gradient_checkpointing")
-    return gpt
+    resolve_precision(config, torch.device("cpu"))
+
+
+def check_memory(model: GPT, config: TrainConfig, device: torch.device) -> None:
+    """Refuse a model whose estimated training peak (llmnb.budget) exceeds the budget: by default this machine's memory.
+
+    Estimated for full training; a partly frozen model (adapters) needs less, and is not refused here.
+    """
+    if any(not p.requires_grad for p in model.parameters()):
+        return
+    limit = config.memory_budget_gb if config.memory_budget_gb is not None else _available_memory_gb(device)
+    if limit is None:
+        return
+    setup = budget.Setup(method="pretrain", batch=config.batch_size, seq_len=min(config.block_size, model.config.block_size),
+                         precision="mixed" if config.precision in ("bf16", "fp16") else "fp32",
+                         gradient_checkpointing=config.gradient_checkpointing)
+    need = budget.estimate_memory(model.config.shape(), setup).total / 1e9
+    if need > limit:
+        raise ValueError(f"estimated peak memory {need:.2f} GB exceeds the budget of {limit:.2f} GB: "
+                         "lower batch_size (raise grad_accum to keep the tokens per step), block_size or the model size, "
+                         "or turn on gradient_checkpointing")
 
 
 def _available_memory_gb(device: torch.device) -> float | None:
@@ -194,22 +183,6 @@ def _available_memory_gb(device: torch.device) -> float | None:
 
         return psutil.virtual_memory().available / 1e9
     return None
-
-
-# --- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, state: dict) -> Path:
-    """Write atomically: a temporary file, then a rename, so a crash leaves the last complete checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    path = out_dir / "checkpoint.pt"
-    return path if path.exists() else None
 
 
 def rng_state() -> dict:
@@ -227,6 +200,74 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# --- the parts of a step -----------------------------------------------------------------------
+
+
+def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, step: int, config: TrainConfig,
+               device, amp, scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step over `grad_accum` micro-batches: (mean loss, gradient norm before clipping), left on the device.
+
+    Under DDP, gradients are all-reduced on the last micro-batch only (`no_sync` before it).
+    Nothing here reads a value back from the device: the caller does, at its logging interval.
+    """
+    lr = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(config.grad_accum):
+        x, y = batches.batch(step, micro, config.batch_size, device)
+        last = micro == config.grad_accum - 1
+        sync = trained.no_sync() if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
+        with sync:
+            with amp:
+                _, loss = trained(x, y)
+            scaler.scale(loss / config.grad_accum).backward()
+        loss_sum += loss.detach().float() / config.grad_accum
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already the norm over every shard
+        grad_norm = grad_norm.full_tensor()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: dict[str, Batches], config: TrainConfig, device, amp) -> dict[str, float]:
+    """Mean loss of each split over the same `eval_batches` batches every time (fixed steps of the data order)."""
+    model.eval()
+    out = {}
+    for split, batches in data.items():
+        losses = []
+        for i in range(config.eval_batches):
+            x, y = batches.batch(EVAL_STEPS + i, 0, config.batch_size, device)
+            with amp:
+                _, loss = model(x, y)
+            losses.append(loss.float())
+        loss = torch.stack(losses).mean()
+        if world_size() > 1:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        out[f"{split}_loss"] = loss.item()
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def sample(model: GPT, config: TrainConfig, tokenizer, device) -> list[str]:
+    """Sampled continuations of the configured prompts (temperature 0.8, top-k 40, seed fixed by the config), as text."""
+    out = []
+    for prompt in config.sample_prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        n = min(config.sample_tokens, model.config.block_size - ids.shape[1])
+        if n <= 0:
+            continue
+        result = generate(model, ids, n, temperature=0.8, top_k=40, seed=config.seed)
+        out.append(tokenizer.decode(result[0].tolist()))
+    return out
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 
@@ -239,97 +280,97 @@ class TrainResult:
     steps: int
     seconds: float
     tokens: int
-    hf_dir: Path | None
+    hf_dir: Path | None = None
+    already_finished: bool = False
 
 
-def peak_flops_for(device: torch.device, config: TrainConfig) -> float:
-    if config.peak_flops:
-        return config.peak_flops
+def _setup_distributed(device: torch.device) -> torch.device:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    return measure_matmul_flops(device, size=1024, seconds=0.5)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
 
 
-@torch.no_grad()
-def evaluate(model, windows: dict[str, TokenWindows], config: TrainConfig, device, amp) -> dict[str, float]:
-    """Mean loss over the same `eval_batches` batches every time (fixed steps of the data order)."""
-    model.eval()
-    out = {}
-    for split, data in windows.items():
-        losses = []
-        for i in range(config.eval_batches):
-            x, y = data.batch(EVAL_STEPS + i, 0, config.batch_size, device)  # a stream training never reaches
-            with amp:
-                _, loss = model(x, y)
-            losses.append(loss.float())
-        loss = torch.stack(losses).mean()
-        if world_size() > 1:
-            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-        out[f"{split}_loss"] = loss.item()
-    model.train()
-    return out
+def _wrap(model: GPT, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The module that trains: the model itself, or its DDP / FSDP wrapper under torchrun."""
+    if world_size() == 1:
+        return model
+    if config.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    if config.distributed != "ddp":
+        raise ValueError(f"distributed must be 'ddp' or 'fsdp', got {config.distributed!r}")
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def train(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) as configured. `stop_after` ends the run early at that step, as a crash would, for tests."""
-    distributed = world_size() > 1
-    device = pick_device(config.device)
-    if distributed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-    seed_everything(config.seed)
-    data_dir, out_dir = Path(config.data_dir), Path(config.out_dir)
-    meta_file = data_dir / "meta.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"no {meta_file}: run notebook 01 (llmnb run --only 01) to write the token files, or point data_dir at them")
-    meta = json.loads(meta_file.read_text())
-    vocab = meta["vocab_size"]
-    windows = {"train": TokenWindows(data_dir / "train.bin", vocab, config.block_size, config.seed),
-               "val": TokenWindows(data_dir / "val.bin", vocab, config.block_size, config.seed)}
-    gpt_config = check_config(config, vocab, len(windows["val"].tokens))
-    tokenizer = text_tokenizer(data_dir, meta)  # built once, for the samples at every evaluation
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    model = GPT(gpt_config).to(device)
-    if config.gradient_checkpointing:
-        _checkpoint_blocks(model)
-    start_step, state = 0, None
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+def _training_state(model: GPT, trained: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """(full model state, optimizer state), gathered from every rank's shard under FSDP (all ranks must call it)."""
+    if world_size() > 1 and not isinstance(trained, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _restore(model: GPT, trained: torch.nn.Module, optimizer, state: dict) -> None:
+    if world_size() > 1 and not isinstance(trained, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
         model.load_state_dict(state["model"])
-        start_step = state["step"]
-    fsdp = distributed and config.distributed == "fsdp"
-    trained = model
-    if distributed:
-        if config.distributed == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+        optimizer.load_state_dict(state["optimizer"])
 
-            for block in model.blocks:
-                fully_shard(block)
-            trained = fully_shard(model)
-        else:
-            trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenizer=None, on_eval: Callable[[dict], None] | None = None,
+          stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Train `model` on `data` ("train", and optionally "val") as configured, resuming from `out_dir` when it holds a checkpoint.
+
+    Only the parameters that require a gradient train. `tokenizer` (optional) writes samples
+    at each evaluation and is stored in the checkpoints. `stop_after` ends the run early at
+    that step, as a crash would, for tests. A run whose checkpoint has reached `max_steps`
+    is not trained again: the result says `already_finished`.
+    """
+    check_config(config)
+    device = pick_device(config.device)
+    distributed = world_size() > 1
+    if distributed:
+        device = _setup_distributed(device)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = out_dir / "metrics.jsonl"
+    state = read_checkpoint(out_dir, device="cpu") if (out_dir / CHECKPOINT_FILE).exists() else None
+    if state is not None and state["step"] >= config.max_steps:
+        last = state.get("last_eval") or {}
+        print(f"{out_dir} already finished at step {state['step']} (max_steps={config.max_steps}): nothing to train. "
+              "Raise max_steps to continue it, or delete the folder to start again.")
+        return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), state["step"], 0.0, 0,
+                           already_finished=True)
+    model = model.to(device)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    check_memory(model, config, device)
+    model.train()
+    trained = _wrap(model, config, device)
     optimizer = make_optimizer(trained, config, fused=device.type == "cuda")  # after sharding: FSDP replaces the parameters
+    start_step, last = 0, {}
     if state is not None:
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        _restore(model, trained, optimizer, state)
+        start_step, last = state["step"], state.get("last_eval") or {}
     if config.compile:
         trained = torch.compile(trained)
     dtype = resolve_precision(config, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    flops_per_step = model.flops_per_token(config.block_size, training=True) * config.tokens_per_step
-    peak = peak_flops_for(device, config)
-    metrics_file = out_dir / "metrics.jsonl"
+    tokens_per_step = config.batch_size * config.grad_accum * world_size() * min(config.block_size, model.config.block_size)
+    flops_per_step = model.flops_per_token(min(config.block_size, model.config.block_size), training=True) * tokens_per_step
+    peak = config.peak_flops or peak_flops(device)
     is_main = rank() == 0
     log = metrics_file.open("a") if is_main else None
 
@@ -338,72 +379,57 @@ def train(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, st
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    if is_main and start_step == 0:
-        write({"event": "start", "config": asdict(config), "params": model.num_params(), "peak_flops_assumed": peak, "device": str(device),
-               "world_size": world_size(), "precision": str(dtype)})
+    if start_step == 0:
+        write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(dtype)})
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step, total=config.max_steps)
-    last = {"train_loss": float("nan"), "val_loss": float("nan")}
-    started, tokens_seen = time.perf_counter(), 0
-    step = start_step
+    if state is not None:
+        set_rng_state(state["rng"])  # last: the set-up above (measuring the peak, say) draws random numbers too
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm) not yet read back
+    started = interval_start = time.perf_counter()
+    step = done = start_step
     for step in bar:
-        lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for micro in range(config.grad_accum):
-            x, y = windows["train"].batch(step, micro, config.batch_size, device)
-            sync = contextlib.nullcontext()
-            if distributed and config.distributed == "ddp" and micro < config.grad_accum - 1:
-                sync = trained.no_sync()
-            with sync:
-                with amp:
-                    _, loss = trained(x, y)
-                scaler.scale(loss / config.grad_accum).backward()
-            loss_sum += loss.item() / config.grad_accum
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        tokens_seen += config.tokens_per_step
-        loss_t = torch.tensor(loss_sum, device=device)
-        if distributed:
-            torch.distributed.all_reduce(loss_t, op=torch.distributed.ReduceOp.AVG)
-        record = {"step": step + 1, "loss": loss_t.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": config.tokens_per_step / dt,
-                  "mfu": flops_per_step / dt / peak, "memory_mb": _memory_mb(device)}
-        write(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        loss, grad_norm = train_step(trained, optimizer, data["train"], step, config, device, amp, scaler)
+        pending.append((step + 1, learning_rate(step, config), loss, grad_norm))
         done = step + 1
+        finishing = done == config.max_steps or done == stop_after
+        if done % config.log_interval == 0 or finishing:
+            values = torch.stack([torch.stack([l, g.float()]) for _, _, l, g in pending])  # one read-back for the interval
+            if distributed:
+                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
+            dt = time.perf_counter() - interval_start
+            for (s, lr, _, _), (loss_v, norm_v) in zip(pending, values.tolist()):
+                write({"step": s, "loss": loss_v, "lr": lr, "grad_norm": norm_v})
+            write({"step": done, "event": "speed", "tokens_per_s": len(pending) * tokens_per_step / dt,
+                   "mfu": len(pending) * flops_per_step / dt / peak, "memory_mb": _memory_mb(device)})
+            bar.set_postfix(loss=f"{values[-1, 0].item():.3f}")
+            pending, interval_start = [], time.perf_counter()
         if done % config.eval_interval == 0 or done == config.max_steps:
-            last = evaluate(trained, windows, config, device, amp)
-            samples = [] if fsdp else sample(model, config, tokenizer, device)  # FSDP holds only a shard of each weight
-            evaluation = {"step": done, "event": "eval", **last, "val_perplexity": math.exp(last["val_loss"]), "samples": samples}
+            last = evaluate(trained, data, config, device, amp)
+            fsdp = distributed and config.distributed == "fsdp"
+            samples = [] if fsdp or tokenizer is None else sample(model, config, tokenizer, device)  # FSDP holds only a shard of each weight
+            evaluation = {"step": done, "event": "eval", **last, "samples": samples}
+            if "val_loss" in last:
+                evaluation["val_perplexity"] = math.exp(last["val_loss"])
             write(evaluation)
             if on_eval and is_main:
                 on_eval(evaluation)
-        if (config.checkpoint_interval and done % config.checkpoint_interval == 0) or done == config.max_steps or done == stop_after:
-            saved = {"model": _full_state_dict(trained, model), "optimizer": None if fsdp else optimizer.state_dict(),
-                     "step": done, "rng": rng_state(), "config": asdict(config)}  # every rank takes part in gathering FSDP shards
+            interval_start = time.perf_counter()  # evaluation is not training time
+        if (config.checkpoint_interval and done % config.checkpoint_interval == 0) or finishing:
+            model_state, optimizer_state = _training_state(model, trained, optimizer)  # every rank takes part in gathering FSDP shards
             if is_main:
-                save_checkpoint(out_dir / "checkpoint.pt", saved)
+                save_checkpoint(out_dir / CHECKPOINT_FILE, model_state, model.config, tokenizer, optimizer=optimizer_state, step=done,
+                                rng=rng_state(), train_config=asdict(config), last_eval=last)
         if done == stop_after:
             break
     if log:
         log.close()
-    hf_dir = None
-    if config.save_hf and step + 1 == config.max_steps and is_main:
-        final = GPT(gpt_config)
-        final.load_state_dict(saved["model"])  # the final step always writes a checkpoint
-        hf_dir = save_hf(final, out_dir / "hf", data_dir, meta)
     if distributed:
         torch.distributed.barrier()
-    return TrainResult(out_dir, metrics_file, last["train_loss"], last["val_loss"], step + 1, time.perf_counter() - started, tokens_seen, hf_dir)
+    return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), done,
+                       time.perf_counter() - started, (done - start_step) * tokens_per_step)
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -414,67 +440,71 @@ def _memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 1e6
 
 
-def _full_state_dict(trained, model) -> dict:
-    if world_size() > 1 and not isinstance(trained, torch.nn.parallel.DistributedDataParallel):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
+# --- pretraining: token windows and a model ----------------------------------------------------
 
 
-def _checkpoint_blocks(model: GPT) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        forward = block.forward
-        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False) if torch.is_grad_enabled() else _f(*args)
-
-
-def text_tokenizer(data_dir: Path, meta: dict):
-    """The llmnb tokenizer named in meta.json: character level, or BPE from its tokenizer.json."""
+def data_tokenizer(data_dir: str | Path):
+    """The tokenizer of a token folder: llmnb's CharTokenizer, or the BPE tokenizer.json as a `PreTrainedTokenizerFast`."""
     from .tokenizer import BPETokenizer, CharTokenizer
 
-    path = data_dir / meta["tokenizer"]
-    return CharTokenizer.load(path) if path.name == "char_tokenizer.json" else BPETokenizer.from_hf_json(path)
+    meta, path = read_meta(data_dir), Path(data_dir)
+    if meta.tokenizer_kind == "char":
+        return CharTokenizer.load(path / meta.tokenizer_file)
+    return bpe_as_hf(BPETokenizer.from_hf_json(path / meta.tokenizer_file))
 
 
-@torch.no_grad()
-def sample(model: GPT, config: TrainConfig, tokenizer, device) -> list[str]:
-    """Sampled continuations of the configured prompts (temperature 0.8, top-k 40, fixed seed), as text."""
-    out = []
-    for prompt in config.sample_prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        n = min(config.sample_tokens, config.block_size - ids.shape[1])
-        if n <= 0:
-            continue
-        result = model.generate(ids, n, temperature=0.8, top_k=40, seed=config.seed)
-        out.append(tokenizer.decode(result[0].tolist()))
-    return out
+def build_model(config: TrainConfig, vocab_size: int) -> GPT:
+    """A new GPT with the configured sizes (seeded), or the weights of `init_from` (then its sizes)."""
+    if config.init_from is None:
+        torch.manual_seed(config.seed)
+        return GPT(model_config(config, vocab_size))
+    model, _ = load(config.init_from)
+    if vocab_size > model.config.vocab_size:
+        raise ValueError(f"the token files use {vocab_size} ids but {config.init_from} knows {model.config.vocab_size}: "
+                         "tokenize the data with that model's tokenizer")
+    if config.dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = config.dropout
+    return model.train()
 
 
-def save_hf(model: GPT, folder: Path, data_dir: Path, meta: dict) -> Path:
-    """The trained model as a Hugging Face folder, with its tokenizer when the data has a tokenizer.json."""
-    tokenizer = None
-    if meta["tokenizer"] == "tokenizer.json":
-        from transformers import PreTrainedTokenizerFast
-
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data_dir / meta["tokenizer"]), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    model.config.eos_token_id = model.config.bos_token_id = meta.get("end_of_text")
-    to_hf(model, folder, tokenizer)
-    return folder
+def pretrain(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+    """Train on the token windows of `data_dir`, then (at the end, with `save_hf`) export a Hugging Face folder to `out_dir/hf`."""
+    meta = read_meta(config.data_dir)
+    if config.save_hf and meta.tokenizer_kind == "char":
+        raise ValueError("a character-level model has no Hugging Face tokenizer to save beside it: set save_hf=False")
+    check_config(config)
+    seed_everything(config.seed)
+    windows = {split: TokenWindows(read_tokens(config.data_dir, split), config.block_size, config.seed) for split in ("train", "val")}
+    tokenizer = data_tokenizer(config.data_dir)
+    model = build_model(config, meta.vocab_size)
+    eos = getattr(tokenizer, "eos_token_id", None)  # <|endoftext|> for BPE, none at the character level
+    if eos is not None:
+        model.config.eos_token_id = model.config.bos_token_id = eos
+    result = train(model, windows, config, tokenizer=tokenizer, on_eval=on_eval, stop_after=stop_after, progress=progress)
+    if config.save_hf and result.steps == config.max_steps and rank() == 0:
+        state = read_checkpoint(result.out_dir)
+        final = GPT(GPTConfig.from_dict(state["model_config"]))
+        final.load_state_dict(state["model"])
+        result.hf_dir = result.out_dir / "hf"
+        to_hf(final, result.hf_dir, tokenizer_from_state(state["tokenizer"]))
+    return result
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(step records, eval records) from a metrics.jsonl."""
-    steps, evals = [], []
+    """(step records, eval records) from a metrics.jsonl; the speed of each logging interval
+    (tokens/s, MFU, memory) is on the step record that closed it."""
+    steps, evals, speeds = [], [], {}
     for line in Path(path).read_text().splitlines():
         record = json.loads(line)
         if record.get("event") == "eval":
             evals.append(record)
+        elif record.get("event") == "speed":
+            speeds[record["step"]] = {k: v for k, v in record.items() if k not in ("step", "event")}
         elif "loss" in record:
             steps.append(record)
-    return steps, evals
+    return [s | speeds.get(s["step"], {}) for s in steps], evals
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -483,14 +513,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override settings (JSON values)")
     parser.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step, as an interruption would")
     args = parser.parse_args(argv)
-    values = json.loads(args.config.read_text()) if args.config else {}
+    if args.config and not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file")
+    try:
+        values = json.loads(args.config.read_text()) if args.config else {}
+    except json.JSONDecodeError as exc:
+        parser.error(f"--config {args.config} is not valid JSON: {exc}")
     for item in args.set:
         name, _, value = item.partition("=")
         try:
             values[name] = json.loads(value)
         except json.JSONDecodeError:
             values[name] = value
-    result = train(TrainConfig.from_dict(values), stop_after=args.stop_after)
+    result = pretrain(TrainConfig.from_dict(values), stop_after=args.stop_after)
     if rank() == 0:
         print(json.dumps({"steps": result.steps, "train_loss": result.final_train_loss, "val_loss": result.final_val_loss,
                           "seconds": round(result.seconds, 2), "tokens": result.tokens, "hf_dir": str(result.hf_dir) if result.hf_dir else None}))

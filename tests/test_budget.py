@@ -3,6 +3,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from llmnb import budget
+from llmnb.model import GPTConfig, hf_config
 
 TINY_GPT2 = budget.gpt2_shape("tiny-gpt2", n_layer=2, d_model=64, n_head=4, vocab_size=500, context=32)
 TINY_LLAMA = budget.ModelShape("tiny-llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160, vocab_size=500)
@@ -10,7 +11,7 @@ TINY_LLAMA = budget.ModelShape("tiny-llama", n_layer=2, d_model=64, n_head=4, n_
 
 @pytest.mark.parametrize("shape", [TINY_GPT2, TINY_LLAMA, budget.replace(TINY_LLAMA, tied_embeddings=True)], ids=lambda s: f"{s.name}-tied{s.tied_embeddings}")
 def test_parameter_count_matches_transformers(shape):
-    model = AutoModelForCausalLM.from_config(budget.hf_config(shape))
+    model = AutoModelForCausalLM.from_config(hf_config(GPTConfig.from_shape(shape)))
     assert sum(p.numel() for p in model.parameters()) == shape.n_params
 
 
@@ -22,14 +23,14 @@ def test_catalog_matches_published_parameter_counts():
 def test_lora_parameter_count_matches_peft():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(AutoModelForCausalLM.from_config(budget.hf_config(TINY_LLAMA)),
+    model = get_peft_model(AutoModelForCausalLM.from_config(hf_config(GPTConfig.from_shape(TINY_LLAMA))),
                            LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == TINY_LLAMA.lora_params(8, ("q", "v", "down"))
 
 
 def test_kv_cache_bytes_match_a_real_cache():
-    model = AutoModelForCausalLM.from_config(budget.hf_config(TINY_LLAMA)).eval()
+    model = AutoModelForCausalLM.from_config(hf_config(GPTConfig.from_shape(TINY_LLAMA))).eval()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(torch.zeros(1, 10, dtype=torch.long), cache=cache, use_cache=True)
@@ -104,3 +105,13 @@ def test_measured_training_peak_is_close_to_the_estimate():
     assert 0.8 < measured["peak_bytes"] / budget.estimate_memory(shape, setup).total < 1.4
     with pytest.raises(ValueError, match="fp32 training only"):
         budget.measure_training_memory(shape, budget.Setup(method="lora"))
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("Tesla T4", 65e12), ("NVIDIA H200", 989e12)])
+def test_gpu_peaks_match_the_most_specific_name(name, peak):
+    assert budget.gpu_peak_flops(name) == peak
+
+
+def test_an_unknown_gpu_has_no_datasheet_peak():
+    assert budget.gpu_peak_flops("Some Future GPU") is None

@@ -181,12 +181,47 @@ def test_split_is_deterministic_by_document_and_independent_of_order():
         data.split_documents(docs, 1.5)
 
 
-def test_token_files_round_trip_with_the_right_dtype(tmp_path):
-    path = data.write_token_file([1, 2, 65535], tmp_path / "small.bin", vocab_size=65536)
-    assert path.stat().st_size == 6 and list(data.read_token_file(path, 65536)) == [1, 2, 65535]
+def test_token_dataset_round_trips_through_meta_json_with_the_right_dtype(tmp_path):
+    from llmnb.tokenizer import ENDOFTEXT, CharTokenizer, train_bpe
+
+    bpe = train_bpe(["abc abd abe " * 50], 270, special_tokens=[ENDOFTEXT])
+    last = bpe.vocab_size - 1
+    meta = data.write_token_dataset(tmp_path / "bpe", bpe, {"train": np.array([1, 2, last]), "val": np.array([3])}, corpus="toy")
+    assert data.read_meta(tmp_path / "bpe") == meta and meta.dtype == "uint16" and meta.end_of_text == bpe.special_tokens[ENDOFTEXT]
+    assert (tmp_path / "bpe" / "tokenizer.json").exists() and meta.tokens == {"train": 3, "val": 1}
+    assert list(data.read_tokens(tmp_path / "bpe", "train")) == [1, 2, last]
+    chars = CharTokenizer.train("hello")
+    char_meta = data.write_token_dataset(tmp_path / "char", chars, {"train": np.array([0, 1]), "val": np.array([2])})
+    assert char_meta.tokenizer_kind == "char" and char_meta.end_of_text is None and (tmp_path / "char" / "char_tokenizer.json").exists()
     big = data.write_token_file([70000], tmp_path / "big.bin", vocab_size=100_000)
-    assert big.stat().st_size == 4 and data.read_token_file(big, 100_000)[0] == 70000
+    assert big.stat().st_size == 4, "a vocabulary past 65536 is stored as uint32"
     with pytest.raises(ValueError, match="must lie in"):
         data.write_token_file([5], tmp_path / "bad.bin", vocab_size=5)
-    with pytest.raises(data.CorpusError, match="run notebook 01"):
-        data.read_token_file(tmp_path / "missing.bin", 10)
+    with pytest.raises(ValueError, match="does not hold a vocabulary of 100000"):
+        data.TokenMeta(100_000, "bpe", "uint16")
+    with pytest.raises(FileNotFoundError, match="prepare_token_dataset"):
+        data.read_meta(tmp_path / "nothing")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "meta.json").write_text('{"vocab_size": 10, "tokenizer": "tokenizer.json"}')
+    with pytest.raises(ValueError, match="not an llmnb meta.json"):
+        data.read_meta(tmp_path / "old")
+
+
+def test_prompt_masked_pairs_learn_only_the_response_padded_or_packed():
+    pairs = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13]), ([14, 15], [16])]
+    padded = data.PairBatches(pairs, block_size=8, seed=0, pad_id=0)
+    x, y = padded.batch(0, 0, 6, "cpu")
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        pair = next(p for p in pairs if row_x[:len(p[0])] == p[0])
+        n = len(pair[0]) + len(pair[1]) - 1
+        assert row_x[:n] == (pair[0] + pair[1])[:-1] and all(t == 0 for t in row_x[n:])
+        assert row_y[:n] == [-100] * (len(pair[0]) - 1) + pair[1] and all(t == -100 for t in row_y[n:])
+    packed = data.PairBatches(pairs, block_size=4, seed=0, packed=True)
+    x, y = packed.batch(0, 0, 2, "cpu")
+    assert x.shape == (2, 4) and (x != 0).all(), "packed rows have no padding"
+    learned = {t for t in y.flatten().tolist() if t != -100}
+    assert learned <= {8, 9, 11, 12, 13, 16} and learned
+    with pytest.raises(ValueError, match=r"pair 1 has 4 tokens, more than block_size \+ 1 = 3"):
+        data.PairBatches([pairs[2], pairs[1]], block_size=2, seed=0)
+    with pytest.raises(ValueError, match="pair 0 has an empty response"):
+        data.PairBatches([([1], [])], block_size=8, seed=0)

@@ -38,3 +38,24 @@ def test_machine_info_reports_real_numbers(tmp_path):
 def test_matmul_flops_is_positive_and_plausible():
     flops = hardware.measure_matmul_flops("cpu", size=128, seconds=0.05)
     assert 1e7 < flops < 1e15
+
+
+def test_resident_memory_sees_a_large_allocation_and_its_peak():
+    """In a fresh process, where no freed pages can hide the allocation."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np; from llmnb.hardware import resident_bytes as r; b0 = r()[0]; block = np.ones(25_000_000); d = r()[0]; "
+            "del block; a, p = r(); print(json.dumps([b0, d, a, p]))")
+    before, during, after, peak = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert during - before > 180e6 and peak - before > 180e6 and after < during - 180e6  # 200 MB, touched, then freed
+
+
+def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert (hardware.world_size(), hardware.rank()) == (4, 3)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert (hardware.world_size(), hardware.rank()) == (1, 0)

@@ -47,3 +47,28 @@ def test_probe_is_quick_and_true_for_a_listening_local_port():
     start = time.perf_counter()
     assert not hub.hub_reachable("127.0.0.1", 9, timeout=0.5)  # nothing listens on discard
     assert time.perf_counter() - start < 2.0
+
+
+def test_importing_the_model_code_opens_no_connection_and_the_hub_library_settles_it():
+    """The probe runs when huggingface_hub is first imported (transformers imports it), not at `import llmnb`."""
+    import json
+    import os
+    import subprocess
+
+    code = """
+import json, os, socket, sys
+calls = []
+def refuse(*args, **kwargs):
+    calls.append(args[0])
+    raise OSError("no network in this test")
+socket.create_connection = refuse
+import llmnb.model, llmnb.generate, llmnb.train
+before = (len(calls), "huggingface_hub" in sys.modules, os.environ.get("HF_HUB_OFFLINE"))
+import transformers
+print(json.dumps([before, len(calls), os.environ.get("HF_HUB_OFFLINE")]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in hub.OFFLINE_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    before, calls, offline = json.loads(out.strip().splitlines()[-1])
+    assert before == [0, False, None], "importing llmnb's model code must not touch the network"
+    assert calls == 1 and offline == "1", "the first import of the hub library probes once and goes offline"

@@ -5,7 +5,7 @@ from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFa
 
 from llmnb import assets
 from llmnb.data import load_corpus
-from llmnb.models import resolve_model
+from llmnb.checkpoint import resolve_model
 from llmnb.tokenizer import CHAT_TOKENS, ENDOFTEXT, GPT2_SPLIT, GPT4_SPLIT, BPETokenizer, CharTokenizer, train_bpe
 
 ADVERSARIAL = [

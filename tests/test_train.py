@@ -10,55 +10,79 @@ import pytest
 import torch
 
 from llmnb import data, train
+from llmnb.checkpoint import read_checkpoint
+from llmnb.model import GPT, GPTConfig
 from llmnb.tokenizer import ENDOFTEXT, train_bpe
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A small BPE token dataset laid out as notebook 01 writes it."""
+    """A small BPE token dataset, written as notebook 01 writes it."""
     folder = tmp_path_factory.mktemp("tokens")
     docs = data.load_corpus("shakespeare").documents[:60]
     tok = train_bpe([d.text for d in docs], 320, special_tokens=[ENDOFTEXT])
-    tok.to_hf_json(folder / "tokenizer.json")
     eot = tok.special_tokens[ENDOFTEXT]
-    data.write_token_file(data.encode_documents(docs[:54], tok.encode, eot), folder / "train.bin", tok.vocab_size)
-    data.write_token_file(data.encode_documents(docs[54:], tok.encode, eot), folder / "val.bin", tok.vocab_size)
-    (folder / "meta.json").write_text(json.dumps({"vocab_size": tok.vocab_size, "tokenizer": "tokenizer.json", "end_of_text": eot}))
+    streams = {"train": data.encode_documents(docs[:54], tok.encode, eot), "val": data.encode_documents(docs[54:], tok.encode, eot)}
+    data.write_token_dataset(folder, tok, streams, corpus="shakespeare-60")
     return folder
 
 
 def config(data_dir, out_dir, **overrides):
     values = dict(data_dir=str(data_dir), out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
-                  max_steps=12, warmup_steps=3, eval_interval=6, eval_batches=2, checkpoint_interval=0, sample_tokens=8, seed=3)
+                  max_steps=12, warmup_steps=3, eval_interval=6, eval_batches=2, checkpoint_interval=0, sample_tokens=8, seed=3, log_interval=1)
     return train.TrainConfig(**{**values, **overrides})
 
 
-def losses(out_dir):
+def metrics(out_dir, field="loss"):
     steps, _ = train.read_metrics(out_dir / "metrics.jsonl")
-    return [s["loss"] for s in steps]
+    return [s[field] for s in steps]
+
+
+def unigram_score(text_ids: list[int], counts: np.ndarray) -> float:
+    """Mean log unigram frequency of the tokens: high for text made of common tokens, low for uniform noise."""
+    p = (counts + 1) / (counts.sum() + len(counts))
+    return float(np.log(p[text_ids]).mean())
 
 
 def test_training_lowers_the_loss_logs_metrics_and_saves_a_loadable_model(data_dir, tmp_path):
-    result = train.train(config(data_dir, tmp_path, max_steps=30, lr=3e-3), progress=False)
+    result = train.pretrain(config(data_dir, tmp_path, max_steps=40, lr=3e-3, sample_tokens=24, eval_interval=40), progress=False)
     steps, evals = train.read_metrics(result.metrics_file)
-    assert len(steps) == 30 and steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert len(steps) == 40 and steps[-1]["loss"] < steps[0]["loss"] - 0.5
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_mb"} <= set(steps[0])
-    assert evals[-1]["step"] == 30 and evals[-1]["val_perplexity"] == pytest.approx(np.exp(evals[-1]["val_loss"]))
-    assert evals[-1]["samples"][0].startswith("ROMEO:")
+    assert evals[-1]["step"] == 40 and evals[-1]["val_perplexity"] == pytest.approx(np.exp(evals[-1]["val_loss"]))
+    # the samples must look like the corpus, which an untrained model's do not: compare both by unigram frequency
+    tokenizer = train.data_tokenizer(data_dir)
+    counts = np.bincount(data.read_tokens(data_dir, "train"), minlength=tokenizer.vocab_size + 1)
+    prompt = len(tokenizer.encode("ROMEO:\n"))
+    trained = unigram_score(tokenizer.encode(evals[-1]["samples"][0])[prompt:], counts)
+    torch.manual_seed(0)
+    untrained = GPT(train.model_config(config(data_dir, tmp_path), 320))
+    fresh = unigram_score(tokenizer.encode(train.sample(untrained, config(data_dir, tmp_path, sample_tokens=24), tokenizer, "cpu")[0])[prompt:], counts)
+    assert trained > fresh + 1.0, f"trained samples ({trained:.2f}) should use far more common tokens than an untrained model's ({fresh:.2f})"
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=str(result.hf_dir))
+    assert len(generator.tokenizer) == 320
     assert generator("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("ROMEO:")
 
 
-def test_resumed_run_continues_the_same_loss_curve(data_dir, tmp_path):
-    train.train(config(data_dir, tmp_path / "straight"), progress=False)
-    train.train(config(data_dir, tmp_path / "resumed"), stop_after=5, progress=False)
-    assert len(losses(tmp_path / "resumed")) == 5
-    train.train(config(data_dir, tmp_path / "resumed"), progress=False)
-    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "straight"), abs=1e-6)
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["model"]
+def test_a_finished_run_says_so_instead_of_training_again(data_dir, tmp_path, capsys):
+    first = train.pretrain(config(data_dir, tmp_path, max_steps=4, save_hf=False), progress=False)
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    again = train.pretrain(config(data_dir, tmp_path, max_steps=4, save_hf=False), progress=False)
+    assert again.already_finished and again.steps == 4 and again.final_val_loss == first.final_val_loss
+    assert "already finished at step 4" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_resumed_run_continues_the_same_loss_curve_with_dropout_on(data_dir, tmp_path):
+    """Dropout draws from the RNG: a resume that did not restore the RNG state would leave the curve."""
+    train.pretrain(config(data_dir, tmp_path / "straight", dropout=0.2), progress=False)
+    train.pretrain(config(data_dir, tmp_path / "resumed", dropout=0.2), stop_after=5, progress=False)
+    assert len(metrics(tmp_path / "resumed")) == 5
+    train.pretrain(config(data_dir, tmp_path / "resumed", dropout=0.2), progress=False)
+    assert metrics(tmp_path / "resumed") == pytest.approx(metrics(tmp_path / "straight"), abs=1e-6)
+    a, b = read_checkpoint(tmp_path / "straight")["model"], read_checkpoint(tmp_path / "resumed")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -73,25 +97,93 @@ def test_a_killed_run_leaves_a_complete_checkpoint_and_resumes(data_dir, tmp_pat
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = torch.load(out / "checkpoint.pt", weights_only=False)  # complete: atomic rename
+    state = read_checkpoint(out)  # complete: atomic rename
     assert 0 < state["step"] < 400
-    result = train.train(config(data_dir, out, max_steps=state["step"] + 3, checkpoint_interval=1, eval_interval=1000, save_hf=False), progress=False)
+    result = train.pretrain(config(data_dir, out, max_steps=state["step"] + 3, checkpoint_interval=1, eval_interval=1000, save_hf=False), progress=False)
     assert result.steps == state["step"] + 3
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, strategy):
-    common = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "max_steps=6", "eval_interval=6", "eval_batches=2", "save_hf=false", f"data_dir={json.dumps(str(data_dir))}"]
+def torchrun(data_dir, out, *settings, stop_after=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "llmnb.train", "--set", *common, "batch_size=8", f"out_dir={json.dumps(str(tmp_path / 'one'))}"],
-                   check=True, env=env, capture_output=True)
-    port = "29517" if strategy == "ddp" else "29518"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port, "-m", "llmnb.train", "--set", *common,
-                          "batch_size=4", f"distributed={json.dumps(strategy)}", f"out_dir={json.dumps(str(tmp_path / 'two'))}"], env=env, capture_output=True, text=True)
+    common = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "eval_interval=100", "eval_batches=2", "save_hf=false", "log_interval=1",
+              "lr=0.003", "warmup_steps=1", "sample_tokens=0", f"data_dir={json.dumps(str(data_dir))}", f"out_dir={json.dumps(str(out))}"]
+    if "nproc=1" in settings:
+        cmd = [sys.executable, "-m", "llmnb.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "llmnb.train"]  # a free port
+    stop = ["--stop-after", str(stop_after)] if stop_after else []
+    run = subprocess.run([*cmd, *stop, "--set", *common, *[s for s in settings if s != "nproc=1"]], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("ddp", 2), ("fsdp", 1)])
+def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, strategy, accum):
+    """Losses and gradient norms at a real learning rate: a sum instead of a mean over ranks doubles every norm."""
+    # micro-batch m of a step holds the same windows whether one process draws them all or two split them
+    torchrun(data_dir, tmp_path / "one", "nproc=1", f"batch_size={8 // accum}", f"grad_accum={accum}", "max_steps=6")
+    torchrun(data_dir, tmp_path / "two", f"batch_size={4 // accum}", f"grad_accum={accum}", f"distributed={json.dumps(strategy)}", "max_steps=6")
+    assert metrics(tmp_path / "two") == pytest.approx(metrics(tmp_path / "one"), abs=1e-5)
+    assert metrics(tmp_path / "two", "grad_norm") == pytest.approx(metrics(tmp_path / "one", "grad_norm"), rel=1e-4)
     start = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["world_size"] == 2
+    if strategy == "fsdp":  # resumed with fresh AdamW moments, the steps after the cut would differ
+        assert read_checkpoint(tmp_path / "two")["optimizer"]["state"], "the FSDP checkpoint carries the AdamW moments"
+        torchrun(data_dir, tmp_path / "cut", "batch_size=4", 'distributed="fsdp"', "max_steps=6", stop_after=3)
+        torchrun(data_dir, tmp_path / "cut", "batch_size=4", 'distributed="fsdp"', "max_steps=6")
+        assert metrics(tmp_path / "cut") == pytest.approx(metrics(tmp_path / "two"), abs=1e-5)
+
+
+def test_starting_from_pretrained_weights_continues_where_they_left_off(data_dir, tmp_path):
+    first = train.pretrain(config(data_dir, tmp_path / "a", max_steps=30, lr=3e-3), progress=False)
+    scratch = metrics(tmp_path / "a")[0]
+    train.pretrain(config(data_dir, tmp_path / "b", max_steps=2, init_from=str(first.hf_dir), save_hf=False), progress=False)
+    assert metrics(tmp_path / "b")[0] < scratch - 0.5, "the first step of a run from pretrained weights starts at their loss"
+    with pytest.raises(ValueError, match="tokenize the data with that model's tokenizer"):
+        train.build_model(config(data_dir, tmp_path, init_from=str(first.hf_dir)), 10_000)
+
+
+def test_only_parameters_that_require_grad_train_and_pairs_mask_the_prompt(data_dir, tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.llama(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith(("wte", "blocks.0"))  # the embedding and the first block frozen
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("wte", "blocks.0"))}
+    pairs = [([1, 2, 3, 4], [10 + i % 5, 20 + i % 7, 2]) for i in range(40)]
+    batches = {"train": data.PairBatches(pairs, 16, seed=0, pad_id=0), "val": data.PairBatches(pairs[:8], 16, seed=1, pad_id=0)}
+    result = train.train(model, batches, config(data_dir, tmp_path, max_steps=40, lr=1e-2, eval_interval=40), progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    optimizer = read_checkpoint(tmp_path)["optimizer"]
+    assert sum(len(g["params"]) for g in optimizer["param_groups"]) == sum(p.requires_grad for p in model.parameters())
+    losses = metrics(tmp_path)
+    assert losses[-1] < losses[0] - 0.5 and result.final_val_loss < losses[0]
+    # the loss is over response tokens only: a prompt the model cannot predict costs nothing
+    x, y = batches["train"].batch(0, 0, 4, "cpu")
+    with torch.no_grad():
+        logits, loss = model(x, y)
+        learned = y != -100
+        direct = torch.nn.functional.cross_entropy(logits[learned], y[learned])
+    torch.testing.assert_close(loss, direct)
+    with pytest.raises(ValueError, match="no parameter of the model requires a gradient"):
+        train.make_optimizer(GPT(GPTConfig.llama(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16)).requires_grad_(False),
+                             config(data_dir, tmp_path))
+
+
+def test_values_are_read_back_from_the_device_only_at_the_logging_interval(data_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    item = torch.Tensor.item
+
+    def counting(self):
+        calls["n"] += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting)
+    counts = {}
+    for interval in (1, 10):
+        calls["n"] = 0
+        train.pretrain(config(data_dir, tmp_path / str(interval), max_steps=10, eval_interval=100, log_interval=interval, save_hf=False), progress=False)
+        counts[interval] = calls["n"]
+    assert counts[10] <= counts[1] - 8, counts
+    assert metrics(tmp_path / "10") == pytest.approx(metrics(tmp_path / "1"), abs=1e-6), "every step is still logged"
 
 
 def test_schedule_and_weight_decay_groups(data_dir, tmp_path):
@@ -99,8 +191,6 @@ def test_schedule_and_weight_decay_groups(data_dir, tmp_path):
     assert [round(train.learning_rate(s, cfg), 3) for s in (0, 3)] == [0.25, 1.0]
     assert train.learning_rate(9, cfg) == pytest.approx(0.55)
     assert train.learning_rate(14, cfg) == pytest.approx(0.1)
-    from llmnb.model import GPT
-
     model = GPT(train.model_config(cfg, 320))
     decay, no_decay = train.make_optimizer(model, cfg).param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and all(p is not model.wte.weight for p in decay["params"])
@@ -108,14 +198,19 @@ def test_schedule_and_weight_decay_groups(data_dir, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_losses(data_dir, tmp_path):
-    train.train(config(data_dir, tmp_path / "plain", max_steps=4, save_hf=False), progress=False)
-    train.train(config(data_dir, tmp_path / "recompute", max_steps=4, save_hf=False, gradient_checkpointing=True), progress=False)
-    assert losses(tmp_path / "recompute") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
+    train.pretrain(config(data_dir, tmp_path / "plain", max_steps=4, save_hf=False), progress=False)
+    train.pretrain(config(data_dir, tmp_path / "recompute", max_steps=4, save_hf=False, gradient_checkpointing=True), progress=False)
+    assert metrics(tmp_path / "recompute") == pytest.approx(metrics(tmp_path / "plain"), abs=1e-6)
 
 
 def test_a_model_too_big_for_this_machine_is_refused_by_default(data_dir, tmp_path):
     with pytest.raises(ValueError, match="exceeds the budget"):
-        train.train(config(data_dir, tmp_path, n_layer=48, n_embd=8192, n_head=64, batch_size=64), progress=False)
+        train.check_memory(GPT(GPTConfig.gpt2(vocab_size=320, block_size=64, n_layer=1, n_head=2, n_embd=32)),
+                           config(data_dir, tmp_path, memory_budget_gb=1e-4), torch.device("cpu"))
+    with torch.device("meta"):  # sizes only: 48 layers of width 8192 are never allocated
+        big = GPT(GPTConfig.gpt2(vocab_size=320, block_size=64, n_layer=48, n_embd=8192, n_head=64))
+    with pytest.raises(ValueError, match="exceeds the budget"):
+        train.check_memory(big, config(data_dir, tmp_path, batch_size=64), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -124,15 +219,32 @@ def test_a_model_too_big_for_this_machine_is_refused_by_default(data_dir, tmp_pa
     ({"memory_budget_gb": 1e-4}, "exceeds the budget"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
     ({"precision": "fp8"}, "precision must be"),
+    ({"min_lr": 1.0}, "min_lr <= lr"),
 ])
 def test_impossible_configurations_are_refused_before_training(data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        train.train(config(data_dir, tmp_path, **overrides), progress=False)
+        train.pretrain(config(data_dir, tmp_path, **overrides), progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_missing_data_and_unknown_settings_say_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run notebook 01"):
-        train.train(train.TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")), progress=False)
+def test_missing_data_unknown_settings_and_bad_config_files_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare_token_dataset"):
+        train.pretrain(train.TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")), progress=False)
     with pytest.raises(ValueError, match="unknown training settings"):
         train.TrainConfig.from_dict({"learning_rate": 1})
+    bad = tmp_path / "run.json"
+    bad.write_text("{not json")
+    for argv, message in ([["--config", str(bad)], "is not valid JSON"], [["--config", str(tmp_path / "none.json")], "no such file"]):
+        run = subprocess.run([sys.executable, "-m", "llmnb.train", *argv], capture_output=True, text=True)
+        assert run.returncode == 2 and message in run.stderr
+
+
+def test_a_config_file_trains_a_llama_model(data_dir, tmp_path):
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"data_dir": str(data_dir), "out_dir": str(tmp_path / "llama"), "flavour": "llama", "n_layer": 1, "n_head": 2,
+                               "n_kv_head": 1, "n_embd": 32, "block_size": 32, "batch_size": 4, "max_steps": 3, "eval_interval": 3, "eval_batches": 1}))
+    run = subprocess.run([sys.executable, "-m", "llmnb.train", "--config", str(cfg)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["steps"] == 3
+    state = read_checkpoint(tmp_path / "llama")
+    assert state["model_config"]["flavour"] == "llama" and state["model_config"]["n_kv_head"] == 1

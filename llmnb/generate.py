@@ -1,0 +1,124 @@
+"""Sampling from llmnb's GPT: a KV cache, batches of left-padded prompts, streaming, and log-probabilities.
+
+Apart from the model, as in nanochat's `engine.py`: the model computes logits for the
+tokens it is given; this module decides which token comes next and keeps the cache.
+
+    tokens = generate(model, prompt, 32, temperature=0)             # (batch, prompt + 32)
+    tokens, logprobs = generate(model, prompt, 32, return_logprobs=True)
+    for token, logprob in generate_stream(model, prompt, 32): ...   # (batch,) each step
+
+The log-probability of a sampled token is the model's own, log softmax(logits) at
+temperature 1 before top-k/top-p: what `model.token_logprobs` gives for the same text,
+and what RLHF's ratios and KL penalties need.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .model import GPT, KVCache
+
+
+@torch.no_grad()
+def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: list[int] | None = None,
+                    attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                    use_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next token, its log-probability) of every row, each (batch,), as they are produced.
+
+    temperature 0 is greedy. Rows that produced a stop token keep yielding it, with
+    log-probability 0. Prompts of different lengths are left-padded, with `attention_mask`
+    marking real tokens.
+    """
+    check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.block_size)
+    if max_new_tokens == 0:
+        return
+    b, t = idx.shape
+    generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
+    stops = torch.tensor(stop_tokens or [], device=idx.device, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+    mask = attention_mask.clone().long() if attention_mask is not None else None  # None: no padding, the causal fast path
+    seq = idx
+    cache = KVCache(model.config, b, t + max_new_tokens, idx.device, model.wte.weight.dtype) if use_cache else None
+    step_input = idx
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)
+            else:
+                hidden = model.hidden_states(seq, attention_mask=mask)
+            logits = model.lm_head(hidden[:, -1, :]).float()  # (B, vocab): only the last position's logits are needed
+            next_token = sample(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
+            logprob = logits.log_softmax(-1).gather(1, next_token[:, None]).squeeze(1)
+            if stops.numel():
+                next_token = torch.where(done, stops[0], next_token)
+                logprob = logprob.masked_fill(done, 0.0)
+                done |= torch.isin(next_token, stops)
+            seq = torch.cat([seq, next_token[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            step_input = next_token[:, None]
+            yield next_token, logprob
+            if stops.numel() and bool(done.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, return_logprobs: bool = False,
+             on_token: Callable[[torch.Tensor], None] | None = None, **options) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The prompt followed by up to `max_new_tokens` new tokens (and, if asked, their log-probabilities, (batch, new)).
+
+    Options as `generate_stream`; `on_token` sees each step's tokens as they come.
+    """
+    tokens, logprobs = [], []
+    for token, logprob in generate_stream(model, idx, max_new_tokens, **options):
+        tokens.append(token)
+        logprobs.append(logprob)
+        if on_token is not None:
+            on_token(token)
+    out = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1) if tokens else idx
+    if not return_logprobs:
+        return out
+    return out, torch.stack(logprobs, dim=1) if logprobs else idx.new_zeros(idx.shape[0], 0, dtype=torch.float)
+
+
+def check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size) -> None:
+    """Refuse impossible generation settings before any work, saying which one and what is allowed."""
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(f"the prompt must be a (batch, length) tensor with at least one token, got shape {tuple(idx.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if idx.shape[1] + max_new_tokens > block_size:
+        raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the context of {block_size} tokens: shorten one of them")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 is none), got {repetition_penalty}")
+
+
+def sample(logits: torch.Tensor, seq: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token (batch,) from last-position logits (batch, vocab), in Hugging Face's order: penalty, temperature, top-k, top-p."""
+    if repetition_penalty != 1.0:
+        seen = logits.gather(1, seq)
+        logits = logits.scatter(1, seq, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
