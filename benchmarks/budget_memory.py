@@ -1,8 +1,8 @@
 """How well does llmnb.budget predict real training memory? Estimate vs measurement, in one run.
 
-For a sweep of GPT-2 shaped models, train a few fp32 AdamW steps of the `transformers`
-model (the reference) in a fresh process, measure its peak memory, and print it beside
-our estimate. The last column is measured / estimate.
+For a sweep of GPT-2 shaped models, train a few fp32 AdamW steps of llmnb's GPT (the model
+the notebooks train) in a fresh process, measure its peak memory, and print it beside our
+estimate. The last column is measured / estimate.
 
     python benchmarks/budget_memory.py            # CPU here, CUDA where present
     python benchmarks/budget_memory.py --quick    # three small shapes

@@ -2,7 +2,8 @@
 
 Both models get the same initial weights (through the Hugging Face bridge), the same batches from the
 token files of notebook 01, and the same AdamW; we time `--steps` full steps (forward, backward,
-clip, update) after a warm-up. Configurations: nanoGPT's documented CPU one (4 layers, 4 heads,
+clip, update) after a warm-up, the two models taking turns in rounds of 5 steps so that a slow spell of a
+shared machine (CPU steal) hits both alike. Configurations: nanoGPT's documented CPU one (4 layers, 4 heads,
 128 wide, context 64, batch 12) and a larger one. The last column is ours / transformers in tokens/s.
 
     python benchmarks/train_throughput.py
@@ -10,7 +11,6 @@ clip, update) after a warm-up. Configurations: nanoGPT's documented CPU one (4 l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -21,57 +21,67 @@ import torch  # noqa: E402
 
 from llmnb import hardware  # noqa: E402
 from llmnb.model import GPT, GPTConfig, to_hf  # noqa: E402
-from llmnb.paths import outputs_dir  # noqa: E402
-from llmnb.train import TokenWindows  # noqa: E402
+from llmnb.data import TokenWindows, prepare_token_dataset, read_meta, read_tokens  # noqa: E402
 
 CONFIGS = {"nanoGPT CPU (4x4x128, ctx 64, batch 12)": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
            "larger (6x6x384, ctx 256, batch 8)": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=8)}
 
 
-def tokens_per_second(model, windows, batch, steps, device, hf: bool) -> float:
+def trainer(model, windows, batch, device, hf: bool):
+    """One full training step of `model` per call, on the batch of that step number."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
 
-    def step(i):
+    def step(i: int) -> None:
         x, y = windows.batch(i, 0, batch, device)
         loss = model(input_ids=x, labels=x).loss if hf else model(x, y)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-    for i in range(3):
-        step(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(steps):
-        step(100 + i)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch * windows.block_size / (time.perf_counter() - start)
+    return step
+
+
+def tokens_per_second(steps: dict, tokens_per_step: int, n_steps: int, round_size: int = 5) -> dict[str, float]:
+    """Tokens/s of each contender over `n_steps` timed steps (after 3 warm-up steps), in turns of `round_size` steps."""
+    for step in steps.values():
+        for i in range(3):
+            step(i)
+    spent = dict.fromkeys(steps, 0.0)
+    for start in range(0, n_steps, round_size):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for i in range(start, min(start + round_size, n_steps)):
+                step(100 + i)
+            spent[name] += time.perf_counter() - t0
+    return {name: n_steps * tokens_per_step / seconds for name, seconds in spent.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--data", type=Path, default=outputs_dir("data", "shakespeare-bpe"))
+    parser.add_argument("--data", type=Path, default=None, help="a token folder (default: the Shakespeare BPE one, prepared if missing)")
     args = parser.parse_args()
-    meta = json.loads((args.data / "meta.json").read_text())
+    args.data = args.data or prepare_token_dataset()
+    meta = read_meta(args.data)
     device = hardware.pick_device()
     info = hardware.machine_info()
     print(f"# {time.strftime('%Y-%m-%d')} on {info.cpu}, {info.cores} cores, GPU: {info.gpu or 'none'}; device {device}, fp32; "
-          f"torch {torch.__version__}, transformers {info.libraries['transformers']}; {args.steps} steps after 3 warm-up\n")
+          f"torch {torch.__version__}, transformers {info.libraries['transformers']}; {args.steps} steps after 3 warm-up, in turns of 5\n")
     print("| configuration | params (M) | ours (tokens/s) | transformers GPT2LMHeadModel (tokens/s) | ours / transformers |")
     print("|---|---:|---:|---:|---:|")
     for name, c in CONFIGS.items():
-        windows = TokenWindows(args.data / "train.bin", meta["vocab_size"], c["block_size"], seed=0)
+        windows = TokenWindows(read_tokens(args.data, "train"), c["block_size"], seed=0)
         torch.manual_seed(0)
-        ours = GPT(GPTConfig.gpt2(vocab_size=meta["vocab_size"], block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])).to(device)
+        ours = GPT(GPTConfig.gpt2(vocab_size=meta.vocab_size, block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])).to(device)
         theirs = to_hf(ours).to(device)
         theirs.config._attn_implementation = "sdpa"
-        a = tokens_per_second(ours, windows, c["batch"], args.steps, device, hf=False)
-        b = tokens_per_second(theirs, windows, c["batch"], args.steps, device, hf=True)
+        rates = tokens_per_second({"ours": trainer(ours, windows, c["batch"], device, hf=False),
+                                   "theirs": trainer(theirs, windows, c["batch"], device, hf=True)}, c["batch"] * c["block_size"], args.steps)
+        a, b = rates["ours"], rates["theirs"]
         print(f"| {name} | {ours.num_params() / 1e6:.2f} | {a:,.0f} | {b:,.0f} | {a / b:.2f} |", flush=True)
 
 

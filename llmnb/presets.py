@@ -77,5 +77,19 @@ def configure(notebook: str, preset: str, **overrides: Any) -> SimpleNamespace:
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for notebook {notebook}; known: {sorted(values)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        _check_type(notebook, key, value, values[key])
+    values.update(given)
     return SimpleNamespace(preset=name, **values)
+
+
+def _check_type(notebook: str, name: str, value: Any, default: Any) -> None:
+    """Refuse a parameter whose type differs from the preset's value (an int where a float is expected is fine)."""
+    if default is None:
+        return
+    expected = type(default)
+    numeric = expected is float and isinstance(value, int)
+    if isinstance(value, bool) != isinstance(default, bool) or not (isinstance(value, expected) or numeric):
+        raise ValueError(f"parameter {name!r} of notebook {notebook} expects {expected.__name__} (the preset has {default!r}), "
+                         f"got {value!r} ({type(value).__name__})")

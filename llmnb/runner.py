@@ -100,7 +100,9 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "pyt
     try:
         with PeakMemory() as memory:
             papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, kernel_name=kernel,
-                                       cwd=str(path.parent), progress_bar=False, log_output=False)
+                                       cwd=str(path.parent), progress_bar=False, log_output=False,
+                                       # the kernel's start-up warnings (plain-TCP transport, on loopback here) are not a user's business
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
         result.status = "ok"
     except papermill.PapermillExecutionError as exc:
         result.status = "failed"
@@ -133,6 +135,7 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
     out_dir = Path(out) if out else outputs_dir("runs", preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(only)
+    check_parameters(notebooks, preset, parameters or {})
     params = {"preset": preset, **(parameters or {})}
     results = [NotebookResult(p.stem) for p in notebooks]
     bar = tqdm(notebooks, desc=f"llmnb run ({preset})", unit="notebook")
@@ -143,6 +146,22 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
             break
     report = write_report(results, out_dir, preset, params)
     return results, report
+
+
+def check_parameters(notebooks: list[Path], preset: str, parameters: dict) -> None:
+    """Refuse, before any notebook runs, a parameter no selected notebook's parameters cell has, or one of the wrong type."""
+    import papermill
+
+    from .presets import PRESETS, configure
+
+    known = {path.stem: set(papermill.inspect_notebook(str(path))) for path in notebooks}
+    unknown = sorted(set(parameters) - set().union(*known.values()))
+    if unknown:
+        names = "; ".join(f"{nb}: {', '.join(sorted(n - {'preset'}))}" for nb, n in known.items())
+        raise ValueError(f"unknown parameter(s) {unknown}: no selected notebook has them. Known parameters — {names}")
+    for path in notebooks:
+        typed = PRESETS[preset].get(path.name[:2], {})
+        configure(path.name[:2], preset, **{k: v for k, v in parameters.items() if k in typed and k in known[path.stem]})  # raises for a wrong type
 
 
 def _fmt_value(value) -> str:

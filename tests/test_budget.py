@@ -115,3 +115,30 @@ def test_gpu_peaks_match_the_most_specific_name(name, peak):
 
 def test_an_unknown_gpu_has_no_datasheet_peak():
     assert budget.gpu_peak_flops("Some Future GPU") is None
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.dim() > 0)
+
+
+@pytest.mark.parametrize("method", ["pretrain", "lora"])
+def test_each_measurable_component_equals_the_real_tensors_of_a_training_step(method):
+    """Weights, gradients and AdamW state, counted tensor by tensor after one step of our GPT: exact, so a term left out fails."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmnb.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_shape(TINY_LLAMA, block_size=32))
+    setup = budget.Setup(method=method, batch=2, seq_len=16, precision="fp32", lora_rank=4, lora_targets=("q", "v"))
+    if method == "lora":
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(0, TINY_LLAMA.vocab_size, (2, 17))
+    model(ids[:, :-1], ids[:, 1:])[1].backward()
+    optimizer.step()
+    estimate = budget.estimate_memory(TINY_LLAMA, setup)
+    assert estimate.weights == tensor_bytes(model.parameters())
+    assert estimate.gradients == tensor_bytes(p.grad for p in params)
+    assert estimate.optimizer == tensor_bytes(t for state in optimizer.state.values() for t in state.values())

@@ -188,3 +188,23 @@ def test_adapters_from_peft_work_with_the_decoding_layout_and_gradient_checkpoin
 
     plain, recomputed = grads(False), grads(True)
     assert len(plain) == 8 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, recomputed))
+
+
+def test_gpt2_matches_a_model_transformers_built_itself_where_gelu_variants_differ():
+    """The reference is GPT2LMHeadModel from its own config and init (not our to_hf), with weights large enough that the
+    MLP's pre-activations reach the range where the exact and tanh GELUs part (|x| of a few units)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=64, n_layer=2, n_head=4, activation_function="gelu_new",
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            block.mlp.c_fc.weight.normal_(0, 0.5)
+    ours = M.from_hf(hf)
+    x = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        theirs = hf(x).logits
+        torch.testing.assert_close(ours(x)[0], theirs, atol=1e-4, rtol=1e-5)
+        exact = torch.nn.functional.gelu(torch.linspace(-4, 4, 9)) - torch.nn.functional.gelu(torch.linspace(-4, 4, 9), approximate="tanh")
+        assert exact.abs().max() > 1e-4, "at this scale the two GELUs differ by more than the tolerance"

@@ -1,3 +1,4 @@
+import pytest
 from pathlib import Path
 
 from llmnb import paths
@@ -15,3 +16,22 @@ def test_llmnb_home_overrides_root_and_dirs_are_created(tmp_path, monkeypatch):
     assert out == tmp_path / "outputs" / "runs" / "x" and out.is_dir()
     assert paths.data_dir("d") == tmp_path / "data" / "d"
     assert paths.notebooks_dir() == Path(tmp_path) / "notebooks"
+
+
+def test_write_atomic_keeps_the_old_file_when_the_writer_fails_and_replaces_folders(tmp_path):
+    from llmnb.paths import write_atomic
+
+    target = tmp_path / "sub" / "file.txt"
+    write_atomic(target, lambda tmp: tmp.write_text("first"))
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, crash)
+    assert target.read_text() == "first" and [p.name for p in target.parent.iterdir()] == ["file.txt"]
+    folder = tmp_path / "model"
+    write_atomic(folder, lambda tmp: (tmp.mkdir(), (tmp / "a").write_text("1")))
+    write_atomic(folder, lambda tmp: (tmp.mkdir(), (tmp / "b").write_text("2")))
+    assert sorted(p.name for p in folder.iterdir()) == ["b"]

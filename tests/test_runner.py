@@ -56,8 +56,9 @@ def test_run_passes_parameters_records_metrics_and_stops_at_the_failing_cell(hom
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
 
 
-def test_only_and_out_select_notebooks_and_folder(home, tmp_path):
+def test_only_and_out_select_notebooks_and_folder(home, tmp_path, capfd):
     assert main(["run", "--preset", "smoke", "--only", "00", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert "without encryption" not in capfd.readouterr().err, "the kernel's start-up warnings stay out of the runner's output"
     assert (tmp_path / "elsewhere" / "report.md").exists()
     assert json.loads((tmp_path / "elsewhere" / "records" / "00_ok.jsonl").read_text().splitlines()[0])["value"] == 1
 
@@ -66,3 +67,19 @@ def test_bad_arguments_exit_2_with_a_message(home, capsys):
     assert main(["run", "--preset", "fast"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["run", "--only", "9"]) == 2
+
+
+def test_unknown_or_mistyped_parameters_are_refused_before_any_notebook_runs(home, capsys):
+    assert main(["run", "--preset", "smoke", "--only", "00", "-p", "bogus", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter(s) ['bogus']" in err and "00_ok: steps" in err
+    assert not (home / "outputs" / "runs" / "smoke" / "00_ok.ipynb").exists(), "nothing ran"
+
+
+def test_a_parameter_of_the_wrong_type_names_the_expected_type():
+    from llmnb.paths import notebooks_dir
+
+    with pytest.raises(ValueError, match=r"parameter 'matmul_size' of notebook 00 expects int \(the preset has \d+\), got 'abc' \(str\)"):
+        runner.check_parameters(runner.find_notebooks(["00"]), "smoke", {"matmul_size": "abc"})
+    runner.check_parameters(runner.find_notebooks(["00"]), "smoke", {"matmul_size": 256})
+    assert notebooks_dir().name == "notebooks"

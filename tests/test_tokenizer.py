@@ -96,12 +96,26 @@ def test_training_is_deterministic_and_reaches_the_vocabulary_size(trained):
     assert trained.special_tokens == {ENDOFTEXT: 597, "<|im_start|>": 598, "<|im_end|>": 599}
 
 
-def test_incremental_training_equals_naive_recounting():
-    text = "low lower lowest newer wider new news " * 20 + "the then there these " * 15
-    fast = train_bpe(text, 256 + 40, GPT2_SPLIT, special_tokens=())
+def naive_merge(word: list[int], pair: tuple[int, int], new: int) -> list[int]:
+    """The reference merge, written apart from llmnb's: every occurrence of `pair`, left to right."""
+    out, i = [], 0
+    while i < len(word):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def test_training_and_encoding_equal_a_naive_bpe_that_shares_no_code():
+    """Recount every pair after every merge (the textbook algorithm), then encode by applying merges in rank order."""
     import regex
     from collections import Counter
 
+    text = "low lower lowest newer wider new news " * 20 + "the then there these " * 15
+    fast = train_bpe(text, 256 + 40, GPT2_SPLIT, special_tokens=())
     words = [list(c.encode()) for c in regex.findall(GPT2_SPLIT, text)]
     merges, vocab = {}, {i: bytes([i]) for i in range(256)}
     while len(vocab) < 256 + 40:
@@ -113,10 +127,16 @@ def test_incremental_training_equals_naive_recounting():
         new = next((i for i, b in vocab.items() if b == merged), len(vocab))
         vocab[new] = merged
         merges[best] = new
-        from llmnb.tokenizer import _merge
-
-        words = [_merge(w, best, new) for w in words]
+        words = [naive_merge(w, best, new) for w in words]
     assert fast.merges == merges
+    probe = "the newest lower widest there, then news!"
+    expected = []
+    for chunk in regex.findall(GPT2_SPLIT, probe):
+        ids = list(chunk.encode())
+        for pair, new in merges.items():  # rank order: the order they were learned
+            ids = naive_merge(ids, pair, new)
+        expected += ids
+    assert fast.encode(probe) == expected
 
 
 def test_special_tokens_only_when_allowed(trained):

@@ -248,3 +248,14 @@ def test_a_config_file_trains_a_llama_model(data_dir, tmp_path):
     assert json.loads(run.stdout.strip().splitlines()[-1])["steps"] == 3
     state = read_checkpoint(tmp_path / "llama")
     assert state["model_config"]["flavour"] == "llama" and state["model_config"]["n_kv_head"] == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_train_close_to_fp32(data_dir, tmp_path, precision):
+    """CPU autocast runs the same code path as a GPU's (fp16 with the gradient scaler); the device run checks the speed."""
+    train.pretrain(config(data_dir, tmp_path / "fp32", max_steps=6, lr=3e-3, save_hf=False), progress=False)
+    train.pretrain(config(data_dir, tmp_path / precision, max_steps=6, lr=3e-3, save_hf=False, precision=precision), progress=False)
+    start = json.loads((tmp_path / precision / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["precision"] == f"torch.{'bfloat16' if precision == 'bf16' else 'float16'}"
+    ours, reference = metrics(tmp_path / precision), metrics(tmp_path / "fp32")
+    assert ours == pytest.approx(reference, abs=0.05) and ours[-1] < ours[0]

@@ -1,0 +1,105 @@
+"""Break llmnb one plausible line at a time and check that the suite notices: a hand-run mutation test.
+
+    .venv/bin/python tests/mutations.py                # every mutation (several minutes: some run torchrun)
+    .venv/bin/python tests/mutations.py --only gelu    # those whose name contains "gelu"
+
+Each mutation is applied to a fresh copy of the repository (package and tests), then the tests
+named for it run there (PYTHONPATH puts the copy first, subprocesses included). A mutation
+that no test fails is MISSED: the suite has a hole there. Not run in CI (pytest collects
+`test_*.py` only). New stages add their wrong versions to MUTATIONS; mutmut and cosmic-ray
+were not used because their random operators mostly flip constants no test can see, while
+these are the mistakes a person actually makes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+T = "tests/test_train.py::"
+MUTATIONS = [
+    Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss / config.grad_accum).backward()",
+             "scaler.scale(loss * world_size() / config.grad_accum).backward()", (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
+    Mutation("RNG state not restored on resume", "llmnb/train.py", 'set_rng_state(state["rng"])  # last', "pass  # last",
+             (T + "test_resumed_run_continues_the_same_loss_curve_with_dropout_on",)),
+    Mutation("AdamW state left out of the memory estimate", "llmnb/budget.py", '"fp32": (4.0, 4.0, 8.0, 4.0)', '"fp32": (4.0, 4.0, 0.0, 4.0)',
+             ("tests/test_budget.py",)),
+    Mutation("exact GELU instead of GPT-2's tanh approximation", "llmnb/model.py", 'approximate="tanh"', 'approximate="none"',
+             ("tests/test_model.py",)),
+    Mutation("log-probabilities read one position late", "llmnb/model.py", "logits[:, :-1].float()", "logits[:, 1:].float()",
+             ("tests/test_model.py::test_token_logprobs_equal_a_direct_computation_and_transformers",)),
+    Mutation("prompt tokens leak into the supervised loss", "llmnb/data.py", "np.where(learn[1:], tokens[1:], -100)", "np.where(learn[:-1], tokens[1:], -100)",
+             ("tests/test_data.py::test_prompt_masked_pairs_learn_only_the_response_padded_or_packed",)),
+    Mutation("frozen parameters handed to the optimizer", "llmnb/train.py", "if not p.requires_grad or id(p) in seen:", "if id(p) in seen:",
+             (T + "test_only_parameters_that_require_grad_train_and_pairs_mask_the_prompt",)),
+    Mutation("sampled log-probabilities taken after temperature", "llmnb/generate.py", "logprob = logits.log_softmax(-1)",
+             "logprob = (logits / max(temperature, 1e-5)).log_softmax(-1)", ("tests/test_generate.py::test_sampled_logprobs_are_the_models_own",)),
+    Mutation("GPT-2's fused c_attn split in the wrong order", "llmnb/model.py", 'zip("qkv", theirs[f"{h}.weight"]', 'zip("kqv", theirs[f"{h}.weight"]',
+             ("tests/test_model.py::test_gpt2_matches_a_model_transformers_built_itself_where_gelu_variants_differ",)),
+    Mutation("the loss read back from the device every step", "llmnb/train.py", "if done % config.log_interval == 0 or finishing:", "if True:",
+             (T + "test_values_are_read_back_from_the_device_only_at_the_logging_interval",)),
+    Mutation("a finished run trained again", "llmnb/train.py", 'state["step"] >= config.max_steps', "False",
+             (T + "test_a_finished_run_says_so_instead_of_training_again",)),
+    Mutation("FSDP checkpoints without optimizer state", "llmnb/train.py",
+             'set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],',
+             'set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict={"state": {}, "param_groups": optimizer.state_dict()["param_groups"]},',
+             (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
+    Mutation("BPE merges the least frequent pair", "llmnb/tokenizer.py", "heapq.heappush(heap, (-pair_counts[p], p))", "heapq.heappush(heap, (pair_counts[p], p))",
+             ("tests/test_tokenizer.py",)),
+    Mutation("matmul FLOPs counted once per multiply-add", "llmnb/hardware.py", "return 2 * size**3 * runs / elapsed", "return size**3 * runs / elapsed",
+             ("tests/test_hardware.py",)),
+]
+
+
+def run(mutation: Mutation) -> tuple[bool, str]:
+    """(caught, the last lines of pytest's output) for one mutation, in a fresh copy of the repository."""
+    with tempfile.TemporaryDirectory(prefix="llmnb-mutant-") as tmp:
+        copy = Path(tmp)
+        for part in ("llmnb", "tests", "pyproject.toml", "notebooks"):
+            src = ROOT / part
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / part)
+        target = copy / mutation.file
+        text = target.read_text()
+        if text.count(mutation.old) != 1:
+            return False, f"the line to break is not in {mutation.file} exactly once: update this mutation"
+        target.write_text(text.replace(mutation.old, mutation.new))
+        env = {**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1", "LLMNB_PRESET": "smoke", "LLMNB_HOME": str(ROOT)}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *mutation.tests],
+                                cwd=copy, env=env, capture_output=True, text=True)
+        return result.returncode not in (0, 5), result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this text")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
+    missed = 0
+    print("| mutation | caught | pytest says |\n|---|---|---|")
+    for mutation in chosen:
+        caught, said = run(mutation)
+        missed += not caught
+        print(f"| {mutation.name} | {'yes' if caught else '**MISSED**'} | {said} |", flush=True)
+    print(f"\n{len(chosen) - missed} of {len(chosen)} wrong versions caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
