@@ -63,6 +63,11 @@ MUTATIONS = [
              (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
     Mutation("BPE merges the least frequent pair", "llmnb/tokenizer.py", "heapq.heappush(heap, (-pair_counts[p], p))", "heapq.heappush(heap, (pair_counts[p], p))",
              ("tests/test_tokenizer.py",)),
+    Mutation("LoRA update scaled by alpha instead of alpha / r", "llmnb/lora.py", "self.scaling = base, r, alpha, alpha / r", "self.scaling = base, r, alpha, alpha",
+             ("tests/test_lora.py",)),
+    Mutation("LoRA's B initialised at random: the adapted model no longer starts as its base", "llmnb/lora.py",
+             "self.lora_B = nn.Parameter(torch.zeros(base.out_features, r", "self.lora_B = nn.Parameter(torch.randn(base.out_features, r",
+             ("tests/test_lora.py::test_an_adapted_model_starts_equal_to_its_base_and_merging_changes_nothing_but_speed",)),
     Mutation("matmul FLOPs counted once per multiply-add", "llmnb/hardware.py", "return 2 * size**3 * runs / elapsed", "return size**3 * runs / elapsed",
              ("tests/test_hardware.py",)),
 ]
