@@ -5,19 +5,6 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from llmnb import model as M
 from llmnb.generate import generate, generate_stream, sample
 
-CONFIGS = {
-    "gpt2": M.GPTConfig.gpt2(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_embd=64),
-    "llama-gqa": M.GPTConfig.llama(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_theta=500.0),
-}
-
-
-@pytest.fixture(params=list(CONFIGS), scope="module")
-def pair(request):
-    torch.manual_seed(0)
-    ours = M.GPT(CONFIGS[request.param]).eval()
-    return ours, M.to_hf(ours)
-
-
 def test_greedy_generation_matches_transformers_single_and_left_padded(pair):
     ours, hf = pair
     x = torch.randint(1, 320, (2, 8))

@@ -6,20 +6,6 @@ from llmnb import model as M
 from llmnb.checkpoint import resolve_model
 from llmnb.generate import generate
 
-CONFIGS = {
-    "gpt2": M.GPTConfig.gpt2(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_embd=64),
-    "llama-gqa": M.GPTConfig.llama(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_theta=500.0),
-    "llama-tied-bias": M.GPTConfig.llama(vocab_size=320, block_size=64, n_layer=2, n_head=4, n_embd=64, tie_embeddings=True, bias=True),
-}
-
-
-@pytest.fixture(params=list(CONFIGS), scope="module")
-def pair(request):
-    torch.manual_seed(0)
-    ours = M.GPT(CONFIGS[request.param]).eval()
-    return ours, M.to_hf(ours)
-
-
 def test_logits_match_transformers(pair):
     ours, hf = pair
     x = torch.randint(0, 320, (3, 40))
