@@ -35,20 +35,18 @@ def test_machine_info_reports_real_numbers(tmp_path):
     assert info.libraries["torch"] == torch.__version__.split("+")[0] or info.libraries["torch"].startswith(torch.__version__.split("+")[0])
 
 
-def test_matmul_flops_agree_with_timing_the_same_products_by_hand():
-    """2 n^3 FLOPs per product: a count off by a factor of two (or a wrong clock) lands far outside the band."""
-    import time
+def test_matmul_flops_count_two_n_cubed_per_product_over_the_elapsed_time(monkeypatch):
+    """On a clock that advances 0.25 s per reading, a 1-second measurement runs exactly 3 products in 1.0 s.
 
-    n = 256
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
-        a @ b
-        runs += 1
-    by_hand = 2 * n**3 * runs / (time.perf_counter() - start)
-    measured = hardware.measure_matmul_flops("cpu", size=n, seconds=0.3)
-    assert 0.6 < measured / by_hand < 1.6, f"measured {measured:.3g} FLOP/s, timed by hand {by_hand:.3g}"
+    A fake clock makes the arithmetic exact: timing real products on this shared machine swings by more than
+    the factor of two a wrong count would cause (seen: 0.28x to 1.7x between two honest measurements).
+    """
+    import types
+
+    readings = iter(i * 0.25 for i in range(100))
+    monkeypatch.setattr(hardware, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
+    n = 64
+    assert hardware.measure_matmul_flops("cpu", size=n, seconds=1.0) == 2 * n**3 * 3 / 1.0
 
 
 def test_resident_memory_sees_a_large_allocation_and_its_peak():
