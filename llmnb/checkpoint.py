@@ -29,7 +29,7 @@ from .paths import outputs_dir, write_atomic
 from .tokenizer import CharTokenizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a folder's tokenizer real
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a folder's tokenizer real
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,8 +70,8 @@ def resolve_model(spec: str) -> str:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelNotFound(f"{path} exists but holds no config.json: it is not a Hugging Face model folder")
-        if not any((path / name).exists() for name in TOKENIZER_FILES):
-            raise ModelNotFound(f"{path} holds a model but no tokenizer ({', '.join(TOKENIZER_FILES)}): AutoTokenizer would load an "
+        if not any((path / name).exists() for name in HF_TOKENIZER_FILES):
+            raise ModelNotFound(f"{path} holds a model but no tokenizer ({', '.join(HF_TOKENIZER_FILES)}): AutoTokenizer would load an "
                                 "empty tokenizer from it. Save the tokenizer into the folder (tokenizer.save_pretrained)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
