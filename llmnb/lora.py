@@ -112,6 +112,15 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put the plain nn.Linear back: a normal model, the base's layout and speed."""
+    for name, layer in adapters(model).items():
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
+    return model
+
+
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable and total parameters (tied weights once)."""
     params = list(model.parameters())

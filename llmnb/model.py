@@ -277,14 +277,21 @@ class GPT(nn.Module):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (batch, time, vocab) and, with `targets`, the mean cross-entropy (ignore_index -100).
 
+        Where some targets are -100 (fine-tuning's prompt and padding), the output head runs
+        only on the positions that have a target and `logits` is None: with a 49k vocabulary
+        the head is a third of a small model's compute, and a chat prompt is most of a row.
         `attention_mask` (batch, past + time; 1 = token, 0 = padding) supports left-padded
         batches; `cache` continues from the tokens it holds.
         """
-        logits = self.lm_head(self.hidden_states(idx, attention_mask=attention_mask, position_ids=position_ids, cache=cache))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        hidden = self.hidden_states(idx, attention_mask=attention_mask, position_ids=position_ids, cache=cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(hidden), None
+        learned = targets != -100
+        if not bool(learned.all()):
+            loss = F.cross_entropy(self.lm_head(hidden[learned]).float(), targets[learned])  # (N, vocab): learned positions only
+            return None, loss
+        logits = self.lm_head(hidden)
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
     def hidden_states(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:

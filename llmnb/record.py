@@ -1,4 +1,4 @@
-"""Key results a notebook reports: `record(name, value, unit)` and `save_figure(fig, name)`.
+"""Key results a notebook reports: `record(name, value, unit)`, `save_figure(fig, name)`, and `cost(...)`, what it spent.
 
 Under `llmnb run` each notebook's records go to the JSONL file named by
 `LLMNB_RECORD_FILE` and its figures to `LLMNB_FIGURE_DIR`; the runner turns them into
@@ -43,3 +43,25 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of a file, or of every file under a folder; 0 if it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def cost(started: float, written: list[str | Path]) -> dict[str, float]:
+    """What a notebook spent: wall seconds since `started` (time.perf_counter), this process's peak resident
+    memory, and the disk taken by the files and folders it wrote. Recorded for the run report too."""
+    import time
+
+    from .hardware import resident_bytes
+
+    spent = {"wall time (s)": time.perf_counter() - started, "peak memory of the kernel (GB)": resident_bytes()[1] / 1e9,
+             "disk written (GB)": sum(disk_bytes(p) for p in written) / 1e9}
+    for name, value in spent.items():
+        record(f"cost: {name}", value)
+    return spent

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from .hardware import resident_bytes
 from .paths import notebooks_dir, outputs_dir

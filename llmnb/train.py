@@ -90,10 +90,6 @@ class TrainConfig:
             raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
         return cls(**values)
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.block_size * world_size()
-
 
 def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
     make = GPTConfig.gpt2 if config.flavour == "gpt2" else GPTConfig.llama
@@ -204,8 +200,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, step: int, config: TrainConfig,
-               device, amp, scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step over `grad_accum` micro-batches: (mean loss, gradient norm before clipping), left on the device.
+               device, amp, scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One optimisation step over `grad_accum` micro-batches: (mean loss, gradient norm before clipping), left on the
+    device, and the tokens the step computed on, padding included, over every rank.
 
     Under DDP, gradients are all-reduced on the last micro-batch only (`no_sync` before it).
     Nothing here reads a value back from the device: the caller does, at its logging interval.
@@ -213,16 +210,24 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    micro_batches = [batches.batch(step, micro, config.batch_size, device) for micro in range(config.grad_accum)]
+    # Each micro-batch's loss is a mean over its learned tokens, and fine-tuning rows learn different numbers of
+    # them: weigh each by its share of the global batch's learned tokens, so that accumulation and DDP (which
+    # averages over ranks) give the mean over every learned token of the step, as one process with one big batch.
+    counts = torch.stack([(y != -100).sum() for _, y in micro_batches]).float()
+    total = counts.sum()
+    if world_size() > 1:
+        torch.distributed.all_reduce(total)
+    weights = counts * world_size() / total.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
-    for micro in range(config.grad_accum):
-        x, y = batches.batch(step, micro, config.batch_size, device)
+    for micro, (x, y) in enumerate(micro_batches):
         last = micro == config.grad_accum - 1
         sync = trained.no_sync() if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
             with amp:
                 _, loss = trained(x, y)
-            scaler.scale(loss / config.grad_accum).backward()
-        loss_sum += loss.detach().float() / config.grad_accum
+            scaler.scale(loss * weights[micro]).backward()
+        loss_sum += loss.detach().float() * weights[micro]  # averaged over ranks when logged: the step's mean loss
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -231,7 +236,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, sum(x.numel() for x, _ in micro_batches) * world_size()
 
 
 @torch.no_grad()
@@ -310,11 +315,17 @@ def _wrap(model: GPT, config: TrainConfig, device: torch.device) -> torch.nn.Mod
 
 
 def _training_state(model: GPT, trained: torch.nn.Module, optimizer) -> tuple[dict, dict]:
-    """(full model state, optimizer state), gathered from every rank's shard under FSDP (all ranks must call it)."""
+    """(model state, optimizer state), gathered from every rank's shard under FSDP (all ranks must call it).
+
+    A model with frozen parameters (a base with adapters) keeps only what trains: the frozen
+    base is already on disk where it came from, and a 135M-parameter base is 0.5 GB a checkpoint.
+    """
     if world_size() > 1 and not isinstance(trained, torch.nn.parallel.DistributedDataParallel):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not all(p.requires_grad for p in model.parameters()):  # the same test as `passes` in train
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}, optimizer.state_dict()
     return model.state_dict(), optimizer.state_dict()
 
 
@@ -325,7 +336,11 @@ def _restore(model: GPT, trained: torch.nn.Module, optimizer, state: dict) -> No
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
-        model.load_state_dict(state["model"])
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        if state.get("trainable_only") and set(state["model"]) != trainable:
+            raise ValueError("the checkpoint holds only the parameters that trained, and they are not the ones that train now: "
+                             "attach the same adapters (or freeze the same layers) before resuming, or start a new out_dir")
+        model.load_state_dict(state["model"], strict=not state.get("trainable_only"))
         optimizer.load_state_dict(state["optimizer"])
 
 
@@ -368,10 +383,12 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     dtype = resolve_precision(config, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tokens_per_step = config.batch_size * config.grad_accum * world_size() * min(config.block_size, model.config.block_size)
-    flops_per_step = model.flops_per_token(min(config.block_size, model.config.block_size), training=True) * tokens_per_step
+    # forward + backward is 3 forwards; with frozen weights their gradients are skipped, about 2 (as llmnb.budget counts)
+    passes = 3 if all(p.requires_grad for p in model.parameters()) else 2
+    flops_per_token = passes * model.flops_per_token(min(config.block_size, model.config.block_size))
     peak = config.peak_flops or peak_flops(device)
     is_main = rank() == 0
+    fsdp = distributed and config.distributed == "fsdp"
     log = metrics_file.open("a") if is_main else None
 
     def write(record: dict) -> None:
@@ -382,7 +399,7 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     if start_step == 0:
         write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(dtype)})
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
     bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step, total=config.max_steps)
     if state is not None:
@@ -390,9 +407,12 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm) not yet read back
     started = interval_start = time.perf_counter()
     step = done = start_step
+    interval_tokens = total_tokens = 0  # fine-tuning batches are as wide as their longest row: count what was computed
     for step in bar:
-        loss, grad_norm = train_step(trained, optimizer, data["train"], step, config, device, amp, scaler)
+        loss, grad_norm, tokens = train_step(trained, optimizer, data["train"], step, config, device, amp, scaler)
         pending.append((step + 1, learning_rate(step, config), loss, grad_norm))
+        interval_tokens += tokens
+        total_tokens += tokens
         done = step + 1
         finishing = done == config.max_steps or done == stop_after
         if done % config.log_interval == 0 or finishing:
@@ -402,13 +422,12 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
             dt = time.perf_counter() - interval_start
             for (s, lr, _, _), (loss_v, norm_v) in zip(pending, values.tolist()):
                 write({"step": s, "loss": loss_v, "lr": lr, "grad_norm": norm_v})
-            write({"step": done, "event": "speed", "tokens_per_s": len(pending) * tokens_per_step / dt,
-                   "mfu": len(pending) * flops_per_step / dt / peak, "memory_mb": _memory_mb(device)})
+            write({"step": done, "event": "speed", "tokens_per_s": interval_tokens / dt,
+                   "mfu": interval_tokens * flops_per_token / dt / peak, "memory_mb": _memory_mb(device)})
             bar.set_postfix(loss=f"{values[-1, 0].item():.3f}")
-            pending, interval_start = [], time.perf_counter()
+            pending, interval_tokens, interval_start = [], 0, time.perf_counter()
         if done % config.eval_interval == 0 or done == config.max_steps:
             last = evaluate(trained, data, config, device, amp)
-            fsdp = distributed and config.distributed == "fsdp"
             samples = [] if fsdp or tokenizer is None else sample(model, config, tokenizer, device)  # FSDP holds only a shard of each weight
             evaluation = {"step": done, "event": "eval", **last, "samples": samples}
             if "val_loss" in last:
@@ -421,7 +440,8 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
             model_state, optimizer_state = _training_state(model, trained, optimizer)  # every rank takes part in gathering FSDP shards
             if is_main:
                 save_checkpoint(out_dir / CHECKPOINT_FILE, model_state, model.config, tokenizer, optimizer=optimizer_state, step=done,
-                                rng=rng_state(), train_config=asdict(config), last_eval=last)
+                                rng=rng_state(), train_config=asdict(config), last_eval=last,
+                                trainable_only=passes == 2 and not fsdp)
         if done == stop_after:
             break
     if log:
@@ -429,7 +449,7 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     if distributed:
         torch.distributed.barrier()
     return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), done,
-                       time.perf_counter() - started, (done - start_step) * tokens_per_step)
+                       time.perf_counter() - started, total_tokens)
 
 
 def _memory_mb(device: torch.device) -> float:

@@ -142,3 +142,15 @@ def test_each_measurable_component_equals_the_real_tensors_of_a_training_step(me
     assert estimate.weights == tensor_bytes(model.parameters())
     assert estimate.gradients == tensor_bytes(p.grad for p in params)
     assert estimate.optimizer == tensor_bytes(t for state in optimizer.state.values() for t in state.values())
+
+
+def test_a_lora_step_is_measured_smaller_than_full_fine_tuning_and_near_its_estimate():
+    shape = budget.ModelShape("mid", 4, 256, 4, 4, 1024, 8192)
+    measured, estimates = {}, {}
+    for method in ("full_finetune", "lora"):
+        setup = budget.Setup(method=method, batch=4, seq_len=64, precision="fp32", lora_rank=8, lora_targets=("q", "v"))
+        measured[method] = budget.measure_training_memory(shape, setup, steps=2)["peak_bytes"]
+        estimates[method] = budget.estimate_memory(shape, setup).total
+    assert measured["lora"] < 0.6 * measured["full_finetune"], measured  # no gradients or AdamW moments for the frozen weights
+    for method in measured:
+        assert 0.7 < measured[method] / estimates[method] < 1.6, (method, measured[method], estimates[method])

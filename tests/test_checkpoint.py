@@ -97,3 +97,21 @@ def test_uncached_hub_id_offline_fails_fast_with_the_alternatives():
     with pytest.raises(checkpoint.ModelNotFound, match="smollm2-135m-instruct"):
         checkpoint.load("someone/never-downloaded-model")
     assert time.perf_counter() - start < 5
+
+
+def test_the_tiny_chat_stand_in_has_smollm2s_tokenizer_and_leaves_the_random_stream_alone():
+    state = torch.random.get_rng_state()
+    checkpoint.prepare_tiny_chat(force=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    model, tokenizer = checkpoint.load(checkpoint.TINY_CHAT)
+    smol = AutoTokenizer.from_pretrained(checkpoint.prepare_smollm2())
+    assert tokenizer.chat_template == smol.chat_template and len(tokenizer) == len(smol) == model.config.vocab_size
+    assert model.config.n_layer == 2 and model.config.eos_token_id == smol.eos_token_id
+
+
+def test_a_checkpoint_of_adapters_alone_is_not_taken_for_a_whole_model(tmp_path):
+    model = GPT(GPTConfig.llama(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    checkpoint.save_checkpoint(tmp_path / "checkpoint.pt", {"blocks.0.attn.q_proj.lora_A": torch.zeros(2, 16)}, model.config,
+                               CharTokenizer(list("abc")), trainable_only=True)
+    with pytest.raises(ValueError, match="holds only the parameters that trained"):
+        checkpoint.load(tmp_path)

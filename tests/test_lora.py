@@ -141,3 +141,16 @@ def test_bad_targets_ranks_and_bases_are_refused_clearly(tmp_path):
         lora.load_adapter(wider, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
         lora.load_adapter(wider, tmp_path)
+
+
+def test_merge_and_unload_leaves_plain_linear_layers_with_the_adapted_outputs():
+    ours, _ = small_pair()
+    lora.attach(ours, "all-linear", r=4, alpha=8)
+    randomize_b(ours)
+    x = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        adapted = ours(x)[0]
+        lora.merge_and_unload(ours)
+        torch.testing.assert_close(ours(x)[0], adapted, atol=1e-5, rtol=0)
+    assert not lora.adapters(ours) and type(ours.blocks[0].attn.q_proj) is torch.nn.Linear
+    assert set(ours.state_dict()) == set(GPT(ours.config).state_dict()), "the merged model has the base's own layout"

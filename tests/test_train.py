@@ -159,7 +159,7 @@ def test_only_parameters_that_require_grad_train_and_pairs_mask_the_prompt(data_
     # the loss is over response tokens only: a prompt the model cannot predict costs nothing
     x, y = batches["train"].batch(0, 0, 4, "cpu")
     with torch.no_grad():
-        logits, loss = model(x, y)
+        logits, loss = model(x)[0], model(x, y)[1]
         learned = y != -100
         direct = torch.nn.functional.cross_entropy(logits[learned], y[learned])
     torch.testing.assert_close(loss, direct)
@@ -259,3 +259,27 @@ def test_mixed_precision_paths_train_close_to_fp32(data_dir, tmp_path, precision
     assert start["precision"] == f"torch.{'bfloat16' if precision == 'bf16' else 'float16'}"
     ours, reference = metrics(tmp_path / precision), metrics(tmp_path / "fp32")
     assert ours == pytest.approx(reference, abs=0.05) and ours[-1] < ours[0]
+
+
+def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve(data_dir, tmp_path):
+    from llmnb import lora
+
+    def adapted():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.llama(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32))
+        lora.attach(model, "all-linear", r=4, alpha=8)
+        return model
+
+    pairs = [([1, 2, 3, 4, 5], [10 + i % 5] * (1 + i % 4) + [2]) for i in range(40)]
+    batches = {"train": data.PairBatches(pairs, 32, seed=0)}
+    settings = dict(max_steps=8, lr=1e-2, eval_interval=100, checkpoint_interval=4, log_interval=1)
+    train.train(adapted(), batches, config(data_dir, tmp_path / "straight", **settings), progress=False)
+    state = read_checkpoint(tmp_path / "straight")
+    assert state["trainable_only"] and set(state["model"]) == {n for n, p in adapted().named_parameters() if p.requires_grad}
+    train.train(adapted(), batches, config(data_dir, tmp_path / "resumed", **settings), stop_after=4, progress=False)
+    train.train(adapted(), batches, config(data_dir, tmp_path / "resumed", **settings), progress=False)
+    assert metrics(tmp_path / "resumed") == pytest.approx(metrics(tmp_path / "straight"), abs=1e-6)
+    other = GPT(GPTConfig.llama(vocab_size=320, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    lora.attach(other, ["q_proj"], r=4, alpha=8)
+    with pytest.raises(ValueError, match="not the ones that train now"):
+        train.train(other, batches, config(data_dir, tmp_path / "resumed", **{**settings, "max_steps": 12}), progress=False)
