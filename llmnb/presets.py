@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             inference_context=4096, inference_batch=1,
         ),
         "01": dict(vocab_size=4096, compression_sizes=[300, 512, 1024, 2048, 4096, 8192], val_fraction=0.1, toy_merges=8),
-        "03": dict(budget_seconds=150, max_steps=None, eval_interval=100, char_steps=2000, scaling_steps=300, batch_size=16, block_size=128, n_layer=4),
+        "03": dict(budget_seconds=110, max_steps=None, eval_interval=100, char_steps=400, scaling_steps=70, batch_size=16, block_size=128, n_layer=4),
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=2000, n_test=100, n_dialogue_train=400, n_dialogue_test=32, main_steps=48, batch_size=8, lora_rank=16, lr=1e-3,
                    block_size=160, table_steps=6, table_test=40, table_ranks=[8, 32], trl_steps=12, wiki_windows=8, max_new_tokens=32, memory_steps=2),

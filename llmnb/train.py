@@ -401,7 +401,8 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
                "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(dtype)})
     from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
-    bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step, total=config.max_steps)
+    bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step,
+               total=config.max_steps, mininterval=1.0)
     if state is not None:
         set_rng_state(state["rng"])  # last: the set-up above (measuring the peak, say) draws random numbers too
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm) not yet read back

@@ -154,3 +154,29 @@ def test_a_lora_step_is_measured_smaller_than_full_fine_tuning_and_near_its_esti
     assert measured["lora"] < 0.6 * measured["full_finetune"], measured  # no gradients or AdamW moments for the frozen weights
     for method in measured:
         assert 0.7 < measured[method] / estimates[method] < 1.6, (method, measured[method], estimates[method])
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_the_activation_term_is_what_autograd_keeps_for_backward(flavour):
+    """Count the bytes of every tensor saved for backward (parameters aside) in one forward of our GPT: the
+    estimate's activation term must match them. What a CPU run holds beyond them is the runtime's transient memory."""
+    from llmnb.model import GPT
+
+    shape = (budget.gpt2_shape("g", 2, 128, 4, vocab_size=512, context=64) if flavour == "gpt2"
+             else budget.ModelShape("l", 2, 128, 4, 2, 384, 512, tied_embeddings=True))
+    setup = budget.Setup(method="pretrain", batch=4, seq_len=64, precision="fp32")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_shape(shape, block_size=64)).train()
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 512, (4, 65))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(ids[:, :-1], ids[:, 1:])
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = sum(n for ptr, n in saved.items() if ptr not in params)
+    ratio = kept / budget.estimate_memory(shape, setup).activations
+    assert 0.75 < ratio < 1.3, ratio
