@@ -189,10 +189,10 @@ def answers(model, tokenizer, prompts: list[str], system: str = "", max_new_toke
     from .generate import generate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = _left_pad([prompt_ids(tokenizer, p, system) for p in prompts[start:start + batch_size]], pad)
-        device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         if isinstance(model, GPT):
             tokens = generate(model, ids, max_new_tokens, temperature=0, stop_tokens=[tokenizer.eos_token_id], attention_mask=mask)
@@ -221,6 +221,7 @@ def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 16
 def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int = 0, batch_size: int = 16) -> float:
     """Mean negative log-likelihood (nats) of the response tokens given their prompts: exp() of it is their perplexity."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for start in range(0, len(rendered), batch_size):
@@ -232,7 +233,6 @@ def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int
             ids[i, :len(p) + len(r)] = torch.tensor(p + r)
             mask[i, :len(p) + len(r)] = 1
             learn[i, len(p) - 1:len(p) + len(r) - 1] = True  # position t predicts token t + 1
-        device = next(model.parameters()).device
         logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
         total -= logprobs[learn].sum().item()
         count += int(learn.sum())
@@ -246,9 +246,9 @@ def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int
 def main(argv: list[str] | None = None) -> None:
     from . import lora
     from .checkpoint import load
-    from .hardware import rank
+    from .hardware import rank, world_size
     from .model import to_hf
-    from .train import TrainConfig, train
+    from .train import TrainConfig, parse_settings, train
 
     parser = argparse.ArgumentParser(description="Fine-tune a model on instruction data (LoRA, or every weight).")
     parser.add_argument("--base", required=True, help="anything llmnb.checkpoint.load takes: a folder, a checkpoint, a registry name")
@@ -257,13 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank; 0 trains every weight (full fine-tuning)")
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--targets", default="all-linear", help="comma-separated layer names, or all-linear")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig values as JSON, e.g. max_steps=100")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="TrainConfig values (JSON values), e.g. max_steps=100")
     args = parser.parse_args(argv)
-    values = {"sample_prompts": [], "save_hf": False}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        values[key] = json.loads(value)
-    config = TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict({"sample_prompts": [], "save_hf": False, **parse_settings(args.set)})
     model, tokenizer = load(args.base)
     data = {"train": batches(tokenizer, read_examples(args.data), config.block_size, config.seed, config.batch_size, args.system)}
     if args.lora_r:
@@ -277,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         else:  # the final checkpoint holds the whole model, gathered from every shard under FSDP
             full, tokenizer = load(out)
             to_hf(full, out / "model", tokenizer=tokenizer)
+    if world_size() > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -314,17 +314,17 @@ def _wrap(model: GPT, config: TrainConfig, device: torch.device) -> torch.nn.Mod
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _training_state(model: GPT, trained: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+def _training_state(model: GPT, trained: torch.nn.Module, optimizer, trainable_only: bool) -> tuple[dict, dict]:
     """(model state, optimizer state), gathered from every rank's shard under FSDP (all ranks must call it).
 
-    A model with frozen parameters (a base with adapters) keeps only what trains: the frozen
-    base is already on disk where it came from, and a 135M-parameter base is 0.5 GB a checkpoint.
+    `trainable_only` (a base with adapters) keeps only what trains: the frozen base is
+    already on disk where it came from, and a 135M-parameter base is 0.5 GB a checkpoint.
     """
     if world_size() > 1 and not isinstance(trained, torch.nn.parallel.DistributedDataParallel):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
         return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not all(p.requires_grad for p in model.parameters()):  # the same test as `passes` in train
+    if trainable_only:
         return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}, optimizer.state_dict()
     return model.state_dict(), optimizer.state_dict()
 
@@ -383,12 +383,13 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     dtype = resolve_precision(config, device)
     amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    frozen = not all(p.requires_grad for p in model.parameters())
     # forward + backward is 3 forwards; with frozen weights their gradients are skipped, about 2 (as llmnb.budget counts)
-    passes = 3 if all(p.requires_grad for p in model.parameters()) else 2
-    flops_per_token = passes * model.flops_per_token(min(config.block_size, model.config.block_size))
+    flops_per_token = (2 if frozen else 3) * model.flops_per_token(min(config.block_size, model.config.block_size))
     peak = config.peak_flops or peak_flops(device)
     is_main = rank() == 0
     fsdp = distributed and config.distributed == "fsdp"
+    trainable_only = frozen and not fsdp  # FSDP gathers the full state from the shards
     log = metrics_file.open("a") if is_main else None
 
     def write(record: dict) -> None:
@@ -438,11 +439,10 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
                 on_eval(evaluation)
             interval_start = time.perf_counter()  # evaluation is not training time
         if (config.checkpoint_interval and done % config.checkpoint_interval == 0) or finishing:
-            model_state, optimizer_state = _training_state(model, trained, optimizer)  # every rank takes part in gathering FSDP shards
+            model_state, optimizer_state = _training_state(model, trained, optimizer, trainable_only)  # every rank takes part under FSDP
             if is_main:
                 save_checkpoint(out_dir / CHECKPOINT_FILE, model_state, model.config, tokenizer, optimizer=optimizer_state, step=done,
-                                rng=rng_state(), train_config=asdict(config), last_eval=last,
-                                trainable_only=passes == 2 and not fsdp)
+                                rng=rng_state(), train_config=asdict(config), last_eval=last, trainable_only=trainable_only)
         if done == stop_after:
             break
     if log:
@@ -528,6 +528,18 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     return [s | speeds.get(s["step"], {}) for s in steps], evals
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`NAME=VALUE` command-line settings: the value as JSON, or as plain text when it is not JSON."""
+    values = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            values[name] = json.loads(value)
+        except json.JSONDecodeError:
+            values[name] = value
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llmnb.train", description="Pretrain llmnb's GPT (one process, or under torchrun).")
     parser.add_argument("--config", type=Path, help="JSON file of TrainConfig settings")
@@ -540,12 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         values = json.loads(args.config.read_text()) if args.config else {}
     except json.JSONDecodeError as exc:
         parser.error(f"--config {args.config} is not valid JSON: {exc}")
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            values[name] = json.loads(value)
-        except json.JSONDecodeError:
-            values[name] = value
+    values.update(parse_settings(args.set))
     result = pretrain(TrainConfig.from_dict(values), stop_after=args.stop_after)
     if rank() == 0:
         print(json.dumps({"steps": result.steps, "train_loss": result.final_train_loss, "val_loss": result.final_val_loss,
