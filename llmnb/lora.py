@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's initialisation of A; B = 0 keeps the base's outputs
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: the base layer alone (see `disabled`)
         base.requires_grad_(False)
 
     def delta_weight(self) -> torch.Tensor:
@@ -45,7 +48,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return out
         update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()  # (..., r) then (..., out)
         return out + (update * self.scaling).to(out.dtype)
@@ -98,6 +101,21 @@ def attach(model: nn.Module, targets: str | list[str] | tuple[str, ...] = ("q_pr
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block: every adapter switched off, then on again (RLHF's frozen reference, free)."""
+    layers = adapters(model).values()
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapters are merged into the weights, so they cannot be switched off: unmerge first")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -240,6 +240,67 @@ def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int
     return total / count
 
 
+# --- the notebook-04 model, for the stages after it ----------------------------------------------
+
+TUNED = "smollm2-sft"  # outputs/models/<TUNED>: notebook 04's merged model; <TUNED>-adapter its LoRA adapter
+
+
+def tuned_folder(base_dir: str | Path) -> Path:
+    """Where the model tuned from `base_dir` lives: TUNED for SmolLM2, <base name>-sft for any other base."""
+    from .checkpoint import SMOLLM2
+    from .paths import outputs_dir
+
+    name = Path(base_dir).name
+    return outputs_dir("models") / (TUNED if name == SMOLLM2 else f"{name}-sft")
+
+
+def tuned_base(folder: str | Path) -> str | None:
+    """The name of the base a tuned folder was fine-tuned from (recorded in its adapter), or None."""
+    config = Path(str(folder) + "-adapter") / "adapter_config.json"
+    return Path(json.loads(config.read_text())["base_model_name_or_path"]).name if config.is_file() else None
+
+
+def prepare_tuned(base: str, steps: int = 48, n_train: int = 2000, n_dialogue: int = 400, batch_size: int = 8, rank: int = 16,
+                  lr: float = 1e-3, block_size: int = 160, force: bool = False) -> Path:
+    """Notebook 04's fine-tuned model (arithmetic + Shakespeare replies, LoRA on every linear layer, merged), as a HF folder.
+
+    Returns the folder notebook 04 wrote when it was tuned from `base`; otherwise trains it
+    with notebook 04's recipe (the defaults are its cpu preset) and writes it there, so any
+    later notebook run alone finds what it needs.
+    """
+    from . import lora
+    from .checkpoint import load, resolve_model
+    from .data import load_corpus
+    from .model import to_hf
+    from .train import TrainConfig, train
+
+    base_dir = resolve_model(base)
+    folder = tuned_folder(base_dir)
+    if not force and (folder / "config.json").is_file() and tuned_base(folder) == Path(base_dir).name:
+        return folder
+    import random
+    import shutil
+    import tempfile
+
+    model, tokenizer = load(base_dir)
+    arithmetic, _ = arithmetic_split(n_train, 100)
+    dialogue = dialogue_examples(load_corpus("shakespeare").documents)
+    plays = sorted({e.source for e in dialogue})
+    random.Random(0).shuffle(dialogue)
+    dialogue = [e for e in dialogue if e.source not in set(plays[::7])][:n_dialogue]  # notebook 04 holds every seventh play out
+    lora.attach(model, "all-linear", r=rank, alpha=2 * rank)
+    config = TrainConfig(out_dir=tempfile.mkdtemp(prefix="llmnb-sft-"), max_steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
+                         min_lr=lr / 10, warmup_steps=max(1, steps // 10), eval_interval=10**9, checkpoint_interval=0, log_interval=5,
+                         sample_prompts=[])
+    train(model, {"train": batches(tokenizer, arithmetic + dialogue, block_size, seed=0, batch_size=batch_size)}, config)
+    shutil.rmtree(config.out_dir, ignore_errors=True)
+    for target in (folder, Path(str(folder) + "-adapter")):  # a model tuned from another base: replaced, as notebook 04 does
+        shutil.rmtree(target, ignore_errors=True)
+    lora.save_adapter(model, Path(str(folder) + "-adapter"), base_model=str(base_dir))
+    to_hf(lora.merge_and_unload(model), folder, tokenizer=tokenizer)
+    return folder
+
+
 # --- the command line: fine-tune a base on a JSONL file, under torchrun too --------------------
 
 

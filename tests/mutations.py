@@ -34,6 +34,7 @@ class Mutation:
 
 
 T = "tests/test_train.py::"
+A = "tests/test_align.py::"
 MUTATIONS = [
     Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss / config.grad_accum).backward()",
              "scaler.scale(loss * world_size() / config.grad_accum).backward()", (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
@@ -81,6 +82,33 @@ MUTATIONS = [
              (T + "test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve",)),
     Mutation("matmul FLOPs counted once per multiply-add", "llmnb/hardware.py", "return 2 * size**3 * runs / elapsed", "return size**3 * runs / elapsed",
              ("tests/test_hardware.py",)),
+    Mutation("PPO: the clipped surrogate's min and max swapped", "llmnb/align.py", "masked_mean(torch.maximum(unclipped, clipped), mask)",
+             "masked_mean(torch.minimum(unclipped, clipped), mask)", (A + "test_the_clipped_policy_loss_stops_paying_outside_the_clip_range",)),
+    Mutation("PPO: GAE without the discount on the next value", "llmnb/align.py", "delta = rewards[:, t] + gamma * next_value - values[:, t]",
+             "delta = rewards[:, t] + next_value - values[:, t]", (A + "test_gae_is_the_discounted_sum_of_td_errors_and_returns_are_advantages_plus_values",)),
+    Mutation("PPO: advantages whitened over padding too", "llmnb/align.py", "    mean = masked_mean(x, mask)\n    var = masked_mean((x - mean) ** 2, mask)",
+             "    mean = x.mean()\n    var = ((x - mean) ** 2).mean()", (A + "test_whitening_gives_zero_mean_and_unit_variance_over_real_tokens_only",)),
+    Mutation("PPO: the score on the first token, not the last", "llmnb/align.py", "rewards[torch.arange(len(scores)), last] += scores",
+             "rewards[:, 0] += scores", (A + "test_kl_penalised_rewards_put_the_score_on_the_last_real_token",)),
+    Mutation("PPO: a converged policy whitens pure noise", "llmnb/align.py", "if config.kl_coef == 0 and bool((scores == scores[0]).all()):",
+             "if False:", (A + "test_ppo_finds_the_known_optimum_of_a_two_token_bandit_and_stays_there",)),
+    Mutation("PPO: the advantage's sign flipped", "llmnb/align.py", "unclipped = -advantages * ratio", "unclipped = advantages * ratio",
+             (A + "test_ppo_finds_the_known_optimum_of_a_two_token_bandit_and_stays_there",)),
+    Mutation("DPO: the reference log-ratio left out", "llmnb/align.py", "chosen_reward = beta * (policy_chosen - ref_chosen)",
+             "chosen_reward = beta * policy_chosen", (A + "test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs",)),
+    Mutation("DPO: the prompt's tokens counted in the sequence log-probability", "llmnb/align.py",
+             "return (token_logprobs(model, ids, mask) * completion[:, 1:]).sum(-1)", "return token_logprobs(model, ids, mask).sum(-1)",
+             (A + "test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs",)),
+    Mutation("reward model: the score read at the last position, padding or not", "llmnb/align.py",
+             "last = (positions * attention_mask).argmax(-1)", "last = torch.full_like(attention_mask[:, 0], ids.shape[1] - 1)",
+             (A + "test_the_reward_model_loss_equals_trl_reward_trainer_on_the_same_batch",)),
+    Mutation("GRPO: advantages not normalised by the group's spread", "llmnb/align.py",
+             "return ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)).flatten()",
+             "return (groups - groups.mean(1, keepdim=True)).flatten()", (A + "test_group_advantages_and_the_grpo_loss_against_direct_computations",)),
+    Mutation("RLHF: the reference keeps the adapters on", "llmnb/lora.py", "        if self.merged or not self.enabled:", "        if self.merged:",
+             (A + "test_response_logprobs_equal_the_samplers_and_token_logprobs_and_the_reference_is_the_base",)),
+    Mutation("rollout: the stop token itself masked out", "llmnb/align.py", "keep = (stops.cumsum(-1) - stops == 0).long()",
+             "keep = (stops.cumsum(-1) == 0).long()", (A + "test_a_stop_token_ends_the_response_mask_after_it",)),
 ]
 
 

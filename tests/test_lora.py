@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -154,3 +156,22 @@ def test_merge_and_unload_leaves_plain_linear_layers_with_the_adapted_outputs():
         torch.testing.assert_close(ours(x)[0], adapted, atol=1e-5, rtol=0)
     assert not lora.adapters(ours) and type(ours.blocks[0].attn.q_proj) is torch.nn.Linear
     assert set(ours.state_dict()) == set(GPT(ours.config).state_dict()), "the merged model has the base's own layout"
+
+
+def test_disabled_adapters_give_the_base_model_and_come_back_on_and_merged_ones_are_refused():
+    torch.manual_seed(0)
+    base = GPT(GPTConfig.llama(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    model = copy.deepcopy(base)
+    lora.attach(model, "all-linear", r=2, alpha=4)
+    with torch.no_grad():
+        for layer in lora.adapters(model).values():
+            layer.lora_B.normal_()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    adapted = model(ids)[0]
+    with lora.disabled(model):
+        assert torch.allclose(model(ids)[0], base(ids)[0], atol=1e-6)
+    assert torch.equal(model(ids)[0], adapted) and not torch.allclose(adapted, base(ids)[0], atol=1e-3)
+    lora.merge(model)
+    with pytest.raises(ValueError, match="unmerge first"):
+        with lora.disabled(model):
+            pass
