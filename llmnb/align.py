@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -391,11 +392,13 @@ def ppo_update(policy: GPT, value_head: nn.Module, optimizer: torch.optim.Optimi
     mask = rollout.response_mask
     if config.kl_coef == 0 and bool((scores == scores[0]).all()):
         return {"reward": scores.mean().item(), "kl": 0.0, "policy_loss": 0.0, "value_loss": float("nan"), "clip_fraction": 0.0}
+    started = time.perf_counter()
     with torch.no_grad():
         _, old_values = response_logprobs(policy, rollout, value_head)
         rewards, kl = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, mask, config.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
+    value_seconds = time.perf_counter() - started
     generator = torch.Generator().manual_seed(config.seed)
     stats = []
     for _ in range(config.epochs):
@@ -410,7 +413,8 @@ def ppo_update(policy: GPT, value_head: nn.Module, optimizer: torch.optim.Optimi
             optimizer.step()
             stats.append((pg.item(), vf.item(), clipped.item()))
     pg, vf, clipped = (sum(s[i] for s in stats) / len(stats) for i in range(3))
-    return {"reward": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "policy_loss": pg, "value_loss": vf, "clip_fraction": clipped}
+    return {"reward": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "policy_loss": pg, "value_loss": vf, "clip_fraction": clipped,
+            "seconds value pass": value_seconds}
 
 
 def grpo_update(policy: GPT, optimizer: torch.optim.Optimizer, rollout: Rollout, scores: torch.Tensor, ref_logprobs: torch.Tensor | None,
@@ -429,6 +433,14 @@ def grpo_update(policy: GPT, optimizer: torch.optim.Optimizer, rollout: Rollout,
         losses.append(loss.item())
     kl = ((rollout.logprobs - ref_logprobs) * mask).sum(-1).mean().item() if ref_logprobs is not None else float("nan")
     return {"reward": scores.mean().item(), "kl": kl, "loss": sum(losses) / len(losses)}
+
+
+def aligned_folder(base_dir: str | Path) -> Path:
+    """Where notebook 05's aligned model of `base_dir` lives: next to notebook 04's, "-sft" becoming "-aligned"."""
+    from .sft import tuned_folder
+
+    tuned = tuned_folder(base_dir)
+    return tuned.with_name(tuned.name.removesuffix("-sft") + "-aligned")
 
 
 @dataclass
@@ -469,17 +481,18 @@ def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config
     replies = decode_responses(tok, rollout)
     scores = checked_scores(reward_fn, [e for e in examples for _ in range(config.samples_per_prompt)], replies, rollout, step)
     started = _timed(timings, "scoring", started)
-    ref = reference_logprobs(policy, rollout) if state.value_head is not None or config.kl_coef else None
+    ref = reference_logprobs(policy, rollout)  # PPO's penalty, GRPO's beta term; without them still the KL the run reports
     started = _timed(timings, "reference pass", started)
     if state.value_head is not None:
         stats = ppo_update(policy, state.value_head, state.optimizer, rollout, scores, ref, config)
     else:
         stats = grpo_update(policy, state.optimizer, rollout, scores, ref, config)
     _timed(timings, "update", started)
+    timings["update"] -= stats.get("seconds value pass", 0.0)  # PPO's value pass, timed on its own
     if stats["kl"] > config.max_kl:
         raise RuntimeError(f"the policy's KL from the reference reached {stats['kl']:.1f} nats per reply at step {step}, past max_kl="
                            f"{config.max_kl}: lower lr (now {config.lr}) or raise kl_coef (now {config.kl_coef})")
-    return {**stats, **{f"seconds {k}": v for k, v in timings.items()}}
+    return {**{f"seconds {k}": v for k, v in timings.items()}, **stats}
 
 
 def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config: RLConfig,

@@ -28,6 +28,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02": dict(demo_layers=2, demo_width=64, demo_heads=4, kv_lengths=[16, 32, 64], kv_new_tokens=4, pattern_layer=3),
         "04": dict(base_model="smollm2-tiny-random", n_train=48, n_test=8, n_dialogue_train=16, n_dialogue_test=4, main_steps=3, batch_size=4, lora_rank=8, lr=1e-3,
                    block_size=160, table_steps=1, table_test=4, table_ranks=[8], trl_steps=2, wiki_windows=1, max_new_tokens=4, memory_steps=1),
+        "05": dict(base_model="smollm2-tiny-random", tune_steps=2, tune_examples=16, n_prompts=16, n_test=8, pref_prompts=8, pref_samples=2, n_style=8,
+                   lora_rank=4, lr=5e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=2, batch_size=4, method_seconds=60.0, max_steps=2, prompts_per_step=4,
+                   group_size=2, max_new_tokens=4, trl_steps=1),
     },
     "cpu": {
         "00": dict(
@@ -40,6 +43,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=2000, n_test=100, n_dialogue_train=400, n_dialogue_test=32, main_steps=48, batch_size=8, lora_rank=16, lr=1e-3,
                    block_size=160, table_steps=6, table_test=40, table_ranks=[8, 32], trl_steps=12, wiki_windows=8, max_new_tokens=32, memory_steps=2),
+        "05": dict(base_model="smollm2-135m-instruct", tune_steps=48, tune_examples=2000, n_prompts=400, n_test=100, pref_prompts=64, pref_samples=4,
+                   n_style=48, lora_rank=16, lr=2e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=12, batch_size=8, method_seconds=45.0, max_steps=100,
+                   prompts_per_step=8, group_size=4, max_new_tokens=8, trl_steps=2),
     },
     "gpu": {
         "00": dict(
@@ -53,6 +59,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "04": dict(base_model="smollm2-135m-instruct", n_train=5000, n_test=300, n_dialogue_train=4000, n_dialogue_test=200, main_steps=400, batch_size=32, lora_rank=16, lr=1e-3,
                    block_size=256, table_steps=50, table_test=200, table_ranks=[8, 32, 128], trl_steps=100, wiki_windows=32, max_new_tokens=32,
                    memory_steps=3),
+        "05": dict(base_model="smollm2-135m-instruct", tune_steps=400, tune_examples=5000, n_prompts=2000, n_test=300, pref_prompts=500, pref_samples=8,
+                   n_style=400, lora_rank=16, lr=2e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=200, batch_size=32, method_seconds=300.0, max_steps=500,
+                   prompts_per_step=32, group_size=8, max_new_tokens=16, trl_steps=20),
     },
 }
 
