@@ -35,7 +35,7 @@ model, tok = checkpoint.load(folder)
 lora.attach(model, "all-linear", r=job["r"], alpha=2 * job["r"])
 times, phases = [], {}
 if job["what"] == "dpo":
-    pairs = align.verifier_preferences(model, tok, prompts, samples=4, max_new_tokens=8, reference_when_none=True)
+    pairs = align.verifier_preferences(model, tok, prompts[:24], samples=4, max_new_tokens=8, reference_when_none=True)
     if job["who"] == "ours":
         params = [p for p in model.parameters() if p.requires_grad]
         history = align.train_preferences(lambda b: align.dpo_batch_loss(model, tok, b, 0.1), params, pairs, steps=job["steps"] + 1,

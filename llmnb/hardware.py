@@ -46,6 +46,26 @@ def resident_bytes(pid: int | None = None) -> tuple[int, int]:
         return psutil.Process().memory_info().rss, peak
 
 
+def release_freed_memory() -> int:
+    """Collect garbage and hand freed heap pages back to the OS (glibc's malloc_trim); returns the resident bytes after.
+
+    Freed tensors otherwise stay in the process's heap, so its resident memory, and any
+    peak measured from it, keeps what earlier cells used: call this before measuring a stage.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
+            pass
+    return resident_bytes()[0]
+
+
 def reset_peak_resident() -> None:
     """Reset Linux's peak-RSS counter of this process to its current RSS (no-op where unsupported)."""
     try:

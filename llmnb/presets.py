@@ -43,8 +43,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=2000, n_test=100, n_dialogue_train=400, n_dialogue_test=32, main_steps=48, batch_size=8, lora_rank=16, lr=1e-3,
                    block_size=160, table_steps=6, table_test=40, table_ranks=[8, 32], trl_steps=12, wiki_windows=8, max_new_tokens=32, memory_steps=2),
-        "05": dict(base_model="smollm2-135m-instruct", tune_steps=48, tune_examples=2000, n_prompts=400, n_test=100, pref_prompts=64, pref_samples=4,
-                   n_style=48, lora_rank=16, lr=2e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=12, batch_size=8, method_seconds=45.0, max_steps=100,
+        "05": dict(base_model="smollm2-135m-instruct", tune_steps=48, tune_examples=2000, n_prompts=400, n_test=100, pref_prompts=48, pref_samples=4,
+                   n_style=16, lora_rank=16, lr=1e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=8, batch_size=8, method_seconds=40.0, max_steps=100,
                    prompts_per_step=8, group_size=4, max_new_tokens=8, trl_steps=2),
     },
     "gpu": {

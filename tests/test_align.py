@@ -305,3 +305,17 @@ def test_train_preferences_learns_a_reward_model_that_ranks_the_training_pairs(t
     assert history[-1]["loss"] < 0.3 * history[0]["loss"] and history[-1]["accuracy"] == 1.0
     with pytest.raises(ValueError, match="fewer than one batch"):
         align.train_preferences(lambda batch: None, [], PREFS, steps=1, batch_size=4, lr=1e-3)
+
+
+def test_verifier_pairs_put_a_right_sample_over_a_wrong_one_and_the_answer_key_only_when_asked(monkeypatch):
+    examples = [Example("What is 1 + 1?", "2", "2", system=ARITHMETIC_SYSTEM), Example("What is 2 + 2?", "4", "4", system=ARITHMETIC_SYSTEM),
+                Example("What is 3 + 3?", "6", "6", system=ARITHMETIC_SYSTEM)]
+    replies = ["3", "2", "4", "4", "5", "7"]  # two samples each: right and wrong, all right, all wrong
+    monkeypatch.setattr(align, "sample_rollout", lambda *args, **kwargs: None)
+    monkeypatch.setattr(align, "decode_responses", lambda tokenizer, rollout: replies)
+    monkeypatch.setattr(align, "prompt_ids", lambda tokenizer, prompt, system: [1])
+    tok = type("Tok", (), {"pad_token_id": 0, "eos_token_id": 1})()
+    pairs = align.verifier_preferences(None, tok, examples, samples=2)
+    assert [(p.prompt, p.chosen, p.rejected, p.source) for p in pairs] == [("What is 1 + 1?", "2", "3", "sampled")]
+    with_key = align.verifier_preferences(None, tok, examples, samples=2, reference_when_none=True)
+    assert [(p.chosen, p.rejected, p.source) for p in with_key] == [("2", "3", "sampled"), ("6", "5", "reference")]

@@ -61,6 +61,19 @@ def test_resident_memory_sees_a_large_allocation_and_its_peak():
     assert during - before > 180e6 and peak - before > 180e6 and after < during - 180e6  # 200 MB, touched, then freed
 
 
+def test_freed_memory_is_handed_back_so_a_later_peak_is_its_own():
+    """Many small freed blocks stay in glibc's heap (below the mmap threshold) until trimmed."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from llmnb.hardware import resident_bytes as r, release_freed_memory as f; b0 = r()[0]; "
+            "blocks = [torch.ones(16_000) for _ in range(4000)]; d = r()[0]; del blocks; kept = r()[0]; after = f(); "
+            "print(json.dumps([b0, d, kept, after]))")
+    before, during, kept, after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert during - before > 200e6 and after < kept - 200e6
+
+
 def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
