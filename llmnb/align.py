@@ -123,10 +123,20 @@ def reward_model_loss(rm: RewardModel, ids: torch.Tensor, mask: torch.Tensor) ->
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
-    """log p(response | prompt) of each row (B,): the response's token log-probabilities summed."""
+    """log p(response | prompt) of each row (B,): the response's token log-probabilities summed.
+
+    On llmnb's GPT the output head runs on the response positions only (as `trl` does with its
+    fused head): with a 49k vocabulary the head over a whole chat row costs more than the pair's replies.
+    """
     from .model import token_logprobs
 
-    return (token_logprobs(model, ids, mask) * completion[:, 1:]).sum(-1)
+    learned = completion[:, 1:].bool()  # position t predicts token t + 1
+    if not isinstance(model, GPT):
+        return (token_logprobs(model, ids, mask) * learned).sum(-1)
+    hidden = model.hidden_states(ids, attention_mask=mask)[:, :-1]  # (B, T-1, C)
+    logprobs = -F.cross_entropy(model.lm_head(hidden[learned]).float(), ids[:, 1:][learned], reduction="none")  # (N,)
+    rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(learned)[learned]
+    return torch.zeros(len(ids), device=ids.device).index_add(0, rows, logprobs)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

@@ -97,7 +97,7 @@ MUTATIONS = [
     Mutation("DPO: the reference log-ratio left out", "llmnb/align.py", "chosen_reward = beta * (policy_chosen - ref_chosen)",
              "chosen_reward = beta * policy_chosen", (A + "test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs",)),
     Mutation("DPO: the prompt's tokens counted in the sequence log-probability", "llmnb/align.py",
-             "return (token_logprobs(model, ids, mask) * completion[:, 1:]).sum(-1)", "return token_logprobs(model, ids, mask).sum(-1)",
+             "learned = completion[:, 1:].bool()  # position t predicts token t + 1", "learned = mask[:, 1:].bool()",
              (A + "test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs",)),
     Mutation("reward model: the score read at the last position, padding or not", "llmnb/align.py",
              "last = (positions * attention_mask).argmax(-1)", "last = torch.full_like(attention_mask[:, 0], ids.shape[1] - 1)",
