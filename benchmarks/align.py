@@ -34,6 +34,22 @@ prompts = sft.arithmetic_examples(64, seed=50_001)
 model, tok = checkpoint.load(folder)
 lora.attach(model, "all-linear", r=job["r"], alpha=2 * job["r"])
 times, phases = [], {}
+
+
+def clock():
+    # a trainer callback that appends each step's seconds to times
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    return Clock()
+
+
 if job["what"] == "dpo":
     pairs = align.verifier_preferences(model, tok, prompts[:24], samples=4, max_new_tokens=8, reference_when_none=True)
     if job["who"] == "ours":
@@ -44,7 +60,6 @@ if job["what"] == "dpo":
     else:
         from datasets import Dataset
         from peft import LoraConfig
-        from transformers import TrainerCallback
         from trl import DPOConfig, DPOTrainer
 
         rows = Dataset.from_list([{"prompt": [{"role": "system", "content": p.system}, {"role": "user", "content": p.prompt}],
@@ -56,14 +71,7 @@ if job["what"] == "dpo":
                                             learning_rate=1e-5, beta=0.1, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
                                             use_cpu=True))
 
-        class Clock(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                times.append(time.perf_counter() - self.t)
-
-        trainer.add_callback(Clock())
+        trainer.add_callback(clock())
         trainer.train()
         times = times[1:]
 else:
@@ -77,7 +85,6 @@ else:
     else:
         from datasets import Dataset
         from peft import LoraConfig
-        from transformers import TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
         def reward(completions, answer, **kwargs):
@@ -92,14 +99,7 @@ else:
                                               max_completion_length=8, beta=0.0, temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
                                               disable_tqdm=True, use_cpu=True))
 
-        class Clock(TrainerCallback):
-            def on_step_begin(self, *a, **k):
-                self.t = time.perf_counter()
-
-            def on_step_end(self, *a, **k):
-                times.append(time.perf_counter() - self.t)
-
-        trainer.add_callback(Clock())
+        trainer.add_callback(clock())
         trainer.train()
         times = times[1:]
 print(json.dumps({"seconds": min(times), "peak_mb": (resident_bytes()[1] - before) / 1e6, "phases": phases}))

