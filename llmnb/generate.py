@@ -40,7 +40,7 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
     mask = attention_mask.clone().long() if attention_mask is not None else None  # None: no padding, the causal fast path
     seq = idx
-    cache = KVCache(model.config, b, t + max_new_tokens, idx.device, model.wte.weight.dtype) if use_cache else None
+    cache = KVCache(model.config, b, t + max_new_tokens, idx.device, model.norm_f.weight.dtype) if use_cache else None
     step_input = idx
     was_training = model.training
     model.eval()

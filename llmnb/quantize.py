@@ -1,0 +1,358 @@
+"""Smaller weights: int8, int4 and NF4, from scratch, as formats and as layers that compute with them.
+
+    model, tokenizer = load("smollm2-135m-instruct")
+    quantize_model(model, "int8")          # every linear layer in place; the model still generates
+    save_quantized(model, tokenizer, "outputs/models/smollm2-int8")
+    model, tokenizer = load_quantized("outputs/models/smollm2-int8")
+
+The schemes (one weight matrix W of shape (out, in)):
+- `int8`: absmax per output row, W ~ scale[row] * q, q in [-127, 127]; matmul by PyTorch's
+  int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations) on CPU.
+- `int8-dynamic`: the same weights; each activation row is quantized to int8 on the fly
+  too and the product runs in integers (`_int_mm`), as LLM.int8() without its outliers.
+- `int4`: min-max per group of `group_size` inputs, W ~ scale * q + min, q in [0, 15];
+  PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) does the matmul.
+- `nf4`: QLoRA's NormalFloat, 16 levels at the quantiles of a normal distribution,
+  absmax per block of 64 and the absmaxes themselves quantized to int8 in blocks of 256
+  (double quantization); dequantized before each matmul (no CPU kernel computes in NF4).
+
+The output head (and the embedding tied to it) is kept at int8 in every scheme, as
+llama.cpp keeps its output matrix at 6 or 8 bits: it is a fifth of a small model and the
+most sensitive matrix. Norms and GPT-2's position table stay fp32 (a few thousand numbers).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import GPT, GPTConfig
+from .paths import write_atomic
+
+SCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+# --- formats: one matrix at a time --------------------------------------------------------------
+
+
+def absmax_quantize(w: torch.Tensor, dim: int | None = -1, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric: w ~ scale * q with q in [-(2^(b-1)-1), 2^(b-1)-1]; one scale per tensor (dim None) or along `dim`."""
+    qmax = 2 ** (bits - 1) - 1
+    absmax = w.abs().amax() if dim is None else w.abs().amax(dim=dim, keepdim=True)
+    scale = absmax.clamp(min=1e-12) / qmax  # an all-zero row keeps a finite scale
+    return (w / scale).round().clamp(-qmax, qmax).to(torch.int8), scale
+
+
+def zeropoint_quantize(w: torch.Tensor, dim: int | None = -1, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric: w ~ scale * (q - zero) with q in [0, 2^b - 1]; uses the whole range when w is not centred on 0."""
+    qmax = 2**bits - 1
+    lo = w.amin() if dim is None else w.amin(dim=dim, keepdim=True)
+    hi = w.amax() if dim is None else w.amax(dim=dim, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-12) / qmax
+    zero = (-lo / scale).round()
+    q = (w / scale + zero).round().clamp(0, qmax)
+    return q.to(torch.uint8 if bits <= 8 else torch.int32), scale, zero
+
+
+def groups(w: torch.Tensor, group_size: int, name: str = "weight") -> torch.Tensor:
+    """(out, in) -> (out, in / group_size, group_size); a width the group does not divide is refused, naming the layer."""
+    out_features, in_features = w.shape
+    if in_features % group_size:
+        divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
+        raise ValueError(f"{name}: group_size={group_size} does not divide its {in_features} inputs; "
+                         f"use one of {divisors or 'no standard size: keep this layer unquantized (skip=...)'}")
+    return w.reshape(out_features, in_features // group_size, group_size)
+
+
+def int4_quantize(w: torch.Tensor, group_size: int = 64, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max int4 per group: (q in [0, 15] as uint8 (out, in), scale and minimum (out, in / group_size))."""
+    g = groups(w.float(), group_size, name)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-12) / 15
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.uint8)
+    return q.reshape(w.shape), scale.squeeze(-1), lo.squeeze(-1)
+
+
+def int4_dequantize(q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int) -> torch.Tensor:
+    g = groups(q.float(), group_size)
+    return (g * scale[..., None] + minimum[..., None]).reshape(q.shape)
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NormalFloat levels (QLoRA, Dettmers et al. 2023, eq. 4): quantiles of N(0, 1), scaled to [-1, 1], with an exact 0.
+
+    8 positive and 7 negative levels from evenly spaced probabilities between 1 - offset
+    and 1/2, where offset = (1/(2*15) + 1/(2*16)) / 2 keeps the extreme quantile finite.
+    """
+    offset = 0.5 * (1 / 32 + 1 / 30)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    positive = normal.icdf(torch.linspace(1 - offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(1 - offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+NF4 = nf4_code()
+
+
+def nf4_quantize(w: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index of the nearest NF4 level of every weight (uint8, flattened) and the absmax of each block of `block` weights."""
+    flat = w.float().reshape(-1)
+    if flat.numel() % block:
+        raise ValueError(f"NF4 needs a multiple of {block} weights, got {flat.numel()}: change block or keep this layer unquantized")
+    blocks = flat.view(-1, block)
+    absmax = blocks.abs().amax(-1).clamp(min=1e-12)
+    normed = (blocks / absmax[:, None]).reshape(-1)
+    midpoints = (NF4[1:] + NF4[:-1]) / 2  # nearest level = how many midpoints lie below the value
+    codes = torch.bucketize(normed, midpoints)
+    return codes.to(torch.uint8), absmax
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, block: int = 64) -> torch.Tensor:
+    return (NF4.to(absmax.device)[codes.long()].view(-1, block) * absmax[:, None]).reshape(shape)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, the first in the high nibble (bitsandbytes' order)."""
+    pairs = codes.reshape(-1, 2).to(torch.uint8)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)
+
+
+def double_quantize(absmax: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QLoRA's double quantization: the fp32 block absmaxes, centred on their mean, as int8 in blocks of `block`.
+
+    Saves 32 - 8 - 32/block bits per NF4 block of 64 weights: 0.37 bits per weight.
+    """
+    mean = absmax.mean()
+    centred = absmax - mean
+    pad = (-centred.numel()) % block
+    q, scale = absmax_quantize(F.pad(centred, (0, pad)).view(-1, block), dim=-1)
+    return q.reshape(-1)[: absmax.numel()], scale.squeeze(-1), mean
+
+
+def double_dequantize(q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, block: int = 256) -> torch.Tensor:
+    pad = (-q.numel()) % block
+    return (F.pad(q.float(), (0, pad)).view(-1, block) * scale[:, None]).reshape(-1)[: q.numel()] + mean
+
+
+# --- layers that compute with quantized weights -------------------------------------------------
+
+
+def _fast_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not x.requires_grad
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose weight is stored in `scheme`; inference only (no gradients through the weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int = 64):
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}: choose one of {SCHEMES}")
+        self.in_features, self.out_features, self.scheme, self.group_size = in_features, out_features, scheme, group_size
+        n, k = out_features, in_features
+        if scheme in ("int8", "int8-dynamic"):
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
+            self.register_buffer("scale", torch.zeros(n, dtype=torch.bfloat16))  # the kernel's dtype: no conversion per call
+        elif scheme == "int4":  # the CPU kernel's own packed layout (two codes a byte) and its bf16 (scale, zero) pairs
+            self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))
+            self.register_buffer("scales_zeros", torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16))
+        else:
+            self.register_buffer("qweight", torch.zeros(n * k // 2, dtype=torch.uint8))
+            self.register_buffer("absmax_q", torch.zeros(n * k // 64, dtype=torch.int8))
+            self.register_buffer("absmax_scale", torch.zeros(-(-n * k // 64 // 256)))
+            self.register_buffer("absmax_mean", torch.zeros(()))
+        self.register_buffer("bias", torch.zeros(n) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 64, name: str = "weight") -> QuantLinear:
+        w = linear.weight.detach().float().cpu()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size)
+        with torch.no_grad():
+            if scheme in ("int8", "int8-dynamic"):
+                # round with the bf16 scale the kernel will use: the error stays within half a step
+                scale = (w.abs().amax(-1).clamp(min=1e-12) / 127).to(torch.bfloat16)
+                layer.qweight.copy_((w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
+                layer.scale.copy_(scale)
+            elif scheme == "int4":
+                q, scale, lo = int4_quantize(w, group_size, name)
+                zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+                layer.qweight.copy_(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+                layer.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1).to(torch.bfloat16))
+            else:
+                codes, absmax = nf4_quantize(w)
+                layer.qweight.copy_(pack_nibbles(codes))
+                q, scale, mean = double_quantize(absmax)
+                layer.absmax_q.copy_(q)
+                layer.absmax_scale.copy_(scale)
+                layer.absmax_mean.copy_(mean)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight this layer computes with, (out, in)."""
+        if self.scheme in ("int8", "int8-dynamic"):
+            return self.qweight.float() * self.scale.float()[:, None]
+        if self.scheme == "int4":  # the packed layout is the kernel's own: read it back through the kernel
+            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
+            return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_zeros).float().t()
+        absmax = double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean)
+        return nf4_dequantize(unpack_nibbles(self.qweight), absmax, torch.Size((self.out_features, self.in_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.scheme == "int8" and _fast_cpu(x):
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
+        elif self.scheme == "int8-dynamic" and _fast_cpu(x):
+            xq, xs = absmax_quantize(x2.float(), dim=-1)  # one scale per token
+            y = (torch._int_mm(xq, self.qweight.t()).float() * xs * self.scale.float()).to(x.dtype)
+        elif self.scheme == "int4" and _fast_cpu(x):
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros).to(x.dtype)
+        else:
+            y = F.linear(x2, self.dequantized_weight().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings read from an int8 matrix: its own, or (tied weights) the output head's, stored once."""
+
+    def __init__(self, head: QuantLinear | None = None, num: int = 0, dim: int = 0):
+        super().__init__()
+        self._head = [head] if head is not None else []  # a list: the head's buffers must not be saved twice
+        if head is None:
+            self.register_buffer("qweight", torch.zeros(num, dim, dtype=torch.int8))
+            self.register_buffer("scale", torch.zeros(num, dtype=torch.bfloat16))
+
+    def _source(self) -> nn.Module:
+        return self._head[0] if self._head else self
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        source = self._source()
+        return F.embedding(idx, source.qweight).float() * source.scale[idx].float()[..., None]
+
+
+# --- whole models --------------------------------------------------------------------------------
+
+
+def _quantizable(model: GPT) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.blocks.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_model(model: GPT, scheme: str, group_size: int = 64) -> GPT:
+    """Replace every linear layer of the blocks by a `QuantLinear` in `scheme`, and the head and embedding by int8; in place."""
+    from .lora import adapters
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}: choose one of {SCHEMES}")
+    if not isinstance(model, GPT):
+        raise TypeError(f"quantize_model takes llmnb's GPT (llmnb.checkpoint.load gives one), got {type(model).__name__}")
+    if adapters(model):
+        raise ValueError("the model carries LoRA adapters: merge them first (llmnb.lora.merge_and_unload), then quantize")
+    if getattr(model, "quantization", None):
+        raise ValueError(f"the model is already quantized ({model.quantization['scheme']}): load the full-precision model again")
+    for name, linear in _quantizable(model):
+        if scheme == "int4":
+            groups(linear.weight, group_size, f"blocks.{name}")  # check every layer before changing any
+    model.to("cpu")
+    for name, linear in _quantizable(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.blocks.get_submodule(parent_name)
+        setattr(parent, child, QuantLinear.from_linear(linear, scheme, group_size, f"blocks.{name}"))
+    tied = model.config.tie_embeddings
+    model.lm_head = QuantLinear.from_linear(model.lm_head, "int8")
+    if tied:
+        model.wte = QuantEmbedding(model.lm_head)
+    else:
+        embedding = QuantLinear.from_linear(_as_linear(model.wte.weight), "int8")
+        model.wte = QuantEmbedding(num=model.config.vocab_size, dim=model.config.n_embd)
+        model.wte.qweight.copy_(embedding.qweight)
+        model.wte.scale.copy_(embedding.scale)
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return model.eval()
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    return linear
+
+
+def _empty_quantized(config: GPTConfig, scheme: str, group_size: int) -> GPT:
+    """A quantized GPT of `config` with empty buffers, to load a state dict into (nothing quantized twice)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    for name, linear in _quantizable(model):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.blocks.get_submodule(parent_name), child, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size))
+    model.lm_head = QuantLinear(config.n_embd, config.vocab_size, False, "int8")
+    model.wte = QuantEmbedding(model.lm_head) if config.tie_embeddings else QuantEmbedding(num=config.vocab_size, dim=config.n_embd)
+    model.to_empty(device="cpu")
+    if config.flavour == "llama":  # the rope tables are not saved: recompute them
+        from .model import rope_tables
+
+        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+    model.quantization = {"scheme": scheme, "group_size": group_size}
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and saved buffer, each stored tensor counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b is not None]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:
+    """Weights (safetensors), `quantization.json` (scheme, group size, the GPTConfig) and the tokenizer, written atomically."""
+    from safetensors.torch import save_file
+
+    if not getattr(model, "quantization", None):
+        raise ValueError("the model is not quantized: call quantize_model(model, scheme) first")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file(state, tmp / WEIGHTS_FILE)
+        meta = {**model.quantization, "layout": "torch-cpu", "config": asdict(model.config)}
+        (tmp / QUANT_FILE).write_text(json.dumps(meta, indent=1))
+        tokenizer.save_pretrained(tmp)
+
+    return write_atomic(folder, write)
+
+
+def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, object]:
+    """(quantized GPT, tokenizer) from a `save_quantized` folder; `scheme`, when given, must be the one stored."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    meta_file = folder / QUANT_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no {QUANT_FILE}: it is not a quantized llmnb model (write one with save_quantized)")
+    meta = json.loads(meta_file.read_text())
+    if scheme is not None and scheme != meta["scheme"]:
+        raise ValueError(f"{folder} holds {meta['scheme']} weights, not {scheme}: load it with scheme={meta['scheme']!r} (or None), "
+                         f"or quantize the full-precision model to {scheme}")
+    model = _empty_quantized(GPTConfig.from_dict(meta["config"]), meta["scheme"], meta["group_size"])
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)

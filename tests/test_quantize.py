@@ -1,0 +1,148 @@
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmnb import quantize as q
+from llmnb.model import GPT, GPTConfig
+
+warnings.filterwarnings("ignore", module="torchao")
+
+
+def test_nf4_levels_built_from_normal_quantiles_equal_bitsandbytes_table():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    _, state = bnb_functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
+    assert torch.allclose(q.NF4, state.code.float(), atol=1e-6)
+    assert q.NF4[7] == 0 and q.NF4[0] == -1 and q.NF4[-1] == 1
+
+
+def test_nf4_codes_block_scales_and_packed_bytes_equal_bitsandbytes_on_the_same_blocks():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * torch.linspace(0.1, 3, 128)  # columns of different scales: blocks get different absmaxes
+    packed_theirs, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    codes, absmax = q.nf4_quantize(w, block=64)
+    assert torch.allclose(absmax, state.absmax, rtol=1e-6)
+    assert torch.equal(q.pack_nibbles(codes), packed_theirs.flatten())
+    theirs = bnb_functional.dequantize_4bit(packed_theirs, state)
+    assert torch.allclose(q.nf4_dequantize(codes, absmax, w.shape), theirs, atol=1e-5)
+
+
+def test_double_quantization_keeps_block_scales_within_an_int8_step_and_saves_a_third_of_a_bit():
+    torch.manual_seed(0)
+    absmax = torch.rand(1000) * 3 + 0.5
+    codes, scale, mean = q.double_quantize(absmax, block=256)
+    back = q.double_dequantize(codes, scale, mean, block=256)
+    assert codes.dtype == torch.int8 and scale.shape == (4,)
+    assert (back - absmax).abs().max() <= scale.max() / 2 + 1e-6
+    bits_per_weight = (codes.numel() * 8 + scale.numel() * 32 + 32) / (absmax.numel() * 64)
+    assert bits_per_weight < 0.15 < 32 / 64  # vs 0.5 bits for fp32 scales of blocks of 64
+
+
+def test_int8_weights_equal_torchao_int8_weight_only_within_one_step():
+    torchao = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    ours = q.QuantLinear.from_linear(linear, "int8").dequantized_weight()
+    theirs = copy.deepcopy(linear)
+    torchao.quantize_(theirs, torchao.Int8WeightOnlyConfig())
+    theirs = theirs.weight.dequantize().float()
+    step = linear.weight.abs().amax(1, keepdim=True) / 127
+    assert ((ours - theirs).abs() <= step * 1.01).all()
+    assert (ours - linear.weight).abs().max() <= step.max() * 0.51  # rounded with the bf16 scale itself: half a step
+
+
+def test_absmax_zero_point_and_group_errors_shrink_as_the_scale_gets_local():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    w[0, 0] = 40.0  # one outlier
+    per_tensor = q.absmax_quantize(w, dim=None)
+    per_row = q.absmax_quantize(w, dim=-1)
+    err = lambda pair: ((pair[0].float() * pair[1] - w) ** 2).mean()  # noqa: E731
+    assert err(per_row) < err(per_tensor) / 5
+    shifted = w[1:] + 3.0  # not centred on zero: the zero point uses the whole range
+    qz, scale, zero = q.zeropoint_quantize(shifted, dim=-1)
+    sym = q.absmax_quantize(shifted, dim=-1)
+    assert ((qz.float() - zero) * scale - shifted).abs().mean() < (sym[0].float() * sym[1] - shifted).abs().mean()
+    q4, s4, lo = q.int4_quantize(w[1:], group_size=32)
+    assert q4.max() <= 15 and ((q.int4_dequantize(q4, s4, lo, 32) - w[1:]).abs() <= s4.repeat_interleave(32, 1) / 2 + 1e-6).all()
+
+
+def test_a_group_size_that_does_not_divide_the_layer_is_refused_naming_it_and_the_sizes_that_work():
+    model = GPT(GPTConfig.llama(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=96))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj: group_size=64 does not divide its 96 inputs; use one of \[32\]"):
+        q.quantize_model(model, "int4", group_size=64)
+    assert isinstance(model.blocks[0].attn.q_proj, torch.nn.Linear), "nothing is replaced when one layer is refused"
+
+
+@pytest.mark.parametrize("scheme, tol", [("int8", 0.01), ("int8-dynamic", 0.02), ("int4", 0.01), ("nf4", 1e-5)])
+def test_each_layer_computes_with_the_weight_it_stores(scheme, tol):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    layer = q.QuantLinear.from_linear(linear, scheme, group_size=32)
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        expected = F.linear(x, layer.dequantized_weight(), linear.bias)
+        got = layer(x)
+        assert (got - expected).abs().max() <= tol * expected.abs().max()
+        assert (got - linear(x)).abs().max() <= 0.15 * linear(x).abs().max(), "and close to the full-precision layer"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.llama(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=True)).eval()
+
+
+@pytest.mark.parametrize("scheme", q.SCHEMES)
+def test_quantized_models_stay_close_to_full_precision_and_shrink(tiny_llama, scheme):
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        full = tiny_llama(ids)[0].log_softmax(-1)
+        model = q.quantize_model(copy.deepcopy(tiny_llama), scheme, group_size=32)
+        quant = model(ids)[0].log_softmax(-1)
+    kl = F.kl_div(quant, full, log_target=True, reduction="batchmean") / ids.shape[1]
+    assert kl < (0.01 if scheme.startswith("int8") else 0.05)
+    ratio = q.quantized_bytes(model) / q.quantized_bytes(tiny_llama)
+    assert ratio < (0.3 if scheme.startswith("int8") else 0.2)
+    assert model.wte._source() is model.lm_head, "the tied embedding reads the head's int8 matrix: stored once"
+
+
+def test_saved_quantized_models_load_back_identical_and_refuse_another_scheme(tmp_path, tiny_llama, chat_tokenizer):
+    model = q.quantize_model(copy.deepcopy(tiny_llama), "int4", group_size=32)
+    folder = q.save_quantized(model, chat_tokenizer, tmp_path / "m")
+    back, tokenizer = q.load_quantized(folder)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], back(ids)[0])
+    assert len(tokenizer) == len(chat_tokenizer)
+    with pytest.raises(ValueError, match="holds int4 weights, not int8"):
+        q.load_quantized(folder, scheme="int8")
+    with pytest.raises(FileNotFoundError, match="not a quantized llmnb model"):
+        q.load_quantized(tmp_path)
+
+
+def test_quantizing_twice_or_with_adapters_is_refused(tiny_llama):
+    from llmnb import lora
+
+    model = q.quantize_model(copy.deepcopy(tiny_llama), "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        q.quantize_model(model, "int8")
+    adapted = copy.deepcopy(tiny_llama)
+    lora.attach(adapted, r=2)
+    with pytest.raises(ValueError, match="merge them first"):
+        q.quantize_model(adapted, "int8")
+    with pytest.raises(ValueError, match="unknown scheme"):
+        q.quantize_model(copy.deepcopy(tiny_llama), "int3")
+
+
+def test_a_quantized_model_generates_with_the_kv_cache(tiny_llama):
+    from llmnb.generate import generate
+
+    model = q.quantize_model(copy.deepcopy(tiny_llama), "int8")
+    ids = torch.randint(0, 256, (2, 5))
+    cached = generate(model, ids, 6, temperature=0)
+    uncached = generate(model, ids, 6, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
