@@ -5,9 +5,15 @@ set when the hub does not answer) just before anything imports `huggingface_hub`
 nothing waits on hub retries and importing code that needs no hub opens no connection.
 `llmnb.OFFLINE` settles it on demand.
 """
+import logging
+
 from .hub import configure_hub, settle_on_first_use
 
 settle_on_first_use()
+# torchao (which peft imports when it is installed) logs, with absolute paths, each GPU-only extension a CPU machine
+# cannot load, and torch warns about its enums: nothing a reader can act on
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from .presets import configure  # noqa: E402
 from .record import record, save_figure  # noqa: E402

@@ -233,6 +233,35 @@ def _quantized_weight_bytes(shape: ModelShape, dtype: str) -> float:
     return quantized + (shape.n_params - shape.n_linear_params) * BYTES["bf16"]
 
 
+# Bits per weight of the GGUF files llmnb.gguf writes: Q8_0 and Q4_0 store blocks of 32 weights with one fp16 scale.
+GGUF_BITS = {"fp32": 32.0, "bf16": 16.0, "int8": 8.5, "int4": 4.5}
+
+
+def gguf_file_bytes(shape: ModelShape, dtype: str) -> float:
+    """A GGUF file of `shape` at `dtype`: the blocks' matrices at `dtype`; embeddings and an untied head at 8.5 bits
+    when quantized (llmnb.gguf writes them as Q8_0); norms, biases and position tables at fp32; and the vocabulary."""
+    if dtype not in GGUF_BITS:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {tuple(GGUF_BITS)}")
+    bits = GGUF_BITS[dtype]
+    outer_bits = bits if dtype in ("fp32", "bf16") else GGUF_BITS["int8"]
+    token_table = shape.vocab_size * shape.d_model
+    small = shape.n_params - shape.n_linear_params - token_table - shape.head_params  # norms, biases, position table
+    vocabulary = 36 * shape.vocab_size  # the tokenizer in the metadata: each token's string, type and merge, ~36 bytes
+    return (shape.n_linear_params * bits + (token_table + shape.head_params) * outer_bits + small * 32) / 8 + vocabulary
+
+
+def storage_table(shapes: list[ModelShape], context: int = 4096, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")) -> list[dict]:
+    """Disk (the GGUF file) and memory to run (weights + a bf16 KV cache of `context` tokens) for each shape and dtype, in GB."""
+    rows = []
+    for shape in shapes:
+        kv = context * shape.kv_cache_bytes_per_token("bf16")
+        for dtype in dtypes:
+            disk = gguf_file_bytes(shape, dtype)
+            rows.append({"model": shape.name, "params (B)": shape.n_params / 1e9, "dtype": dtype, "disk GB": disk / 1e9,
+                         f"KV cache GB ({context} tokens)": kv / 1e9, "memory GB": (disk + kv) / 1e9})
+    return rows
+
+
 def checkpoint_bytes(shape: ModelShape, setup: Setup) -> dict[str, float]:
     """Disk: the weights file, a resumable training checkpoint (adds optimizer state), a LoRA adapter."""
     w_b, _, o_b, _ = TRAIN_PRECISION[setup.precision]

@@ -4,6 +4,7 @@
     model, tokenizer = load("outputs/models/llmnb-shakespeare") # a Hugging Face folder, ours or anyone's
     model, tokenizer = load("smollm2-135m-instruct")            # the offline registry name
     model, tokenizer = load("HuggingFaceTB/SmolLM2-135M")        # a hub id, where the hub answers
+    model, tokenizer = load("outputs/models/smollm2-sft-int8")   # a quantized folder (llmnb.quantize.save_quantized)
 
 `load` always returns llmnb's `GPT` and a tokenizer with `encode`/`decode`; `load_hf` returns
 the `transformers` model instead (the reference side of every parity test). An llmnb
@@ -204,6 +205,12 @@ def _check_vocabulary(tokens: int, vocab_size: int, source) -> None:
 def load(source: str | Path, *, device: str | torch.device = "cpu", attention: str = "sdpa") -> tuple[GPT, object]:
     """(llmnb GPT in eval mode, tokenizer) for an llmnb checkpoint or run folder, a Hugging Face folder, a registry name or a hub id."""
     path = Path(str(source)).expanduser()
+    if (path / "quantization.json").is_file():  # a folder llmnb.quantize.save_quantized wrote
+        from .quantize import load_quantized
+
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{path} holds weights quantized for PyTorch's CPU kernels: load it on cpu, or load the full-precision model on {device}")
+        return load_quantized(path)
     if path.suffix == ".pt" or (path / CHECKPOINT_FILE).is_file():
         state = read_checkpoint(path)
         if state.get("trainable_only"):

@@ -280,8 +280,12 @@ def deployment_notes(folder: str | Path, files: list[Path]) -> Path:
 # --- llama.cpp itself, through the xllamacpp wheel: the reader that every GGUF tool shares -------------
 
 
-def llama_cpp_server(path: str | Path, n_ctx: int = 512, n_parallel: int = 1, threads: int | None = None):
-    """An in-process llama.cpp server (xllamacpp) on the GGUF file; its `handle_completions(dict)` answers as /v1/completions."""
+def llama_cpp_server(path: str | Path, n_ctx: int = 512, n_parallel: int = 1, threads: int | None = None, repack: bool = True):
+    """An in-process llama.cpp server (xllamacpp) on the GGUF file; its `handle_completions(dict)` answers as /v1/completions.
+
+    `repack`: llama.cpp copies quantized weights into an interleaved layout for its AVX kernels (faster, and a second copy
+    of those weights in memory beside the mapped file); False reads them from the file as they are.
+    """
     import os
 
     import xllamacpp
@@ -292,13 +296,17 @@ def llama_cpp_server(path: str | Path, n_ctx: int = 512, n_parallel: int = 1, th
     params.n_parallel = n_parallel
     params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads or torch.get_num_threads() or os.cpu_count()
     params.warmup = False
+    params.verbosity = -1  # llama.cpp logs every load and request to stderr otherwise
+    params.no_extra_bufts = not repack
     return xllamacpp.Server(params)
 
 
 def llama_cpp_greedy(server, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
-    """llama.cpp's greedy continuation of token ids, and its log-probability of each token it chose."""
-    reply = server.handle_completions({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "n_probs": 1,
-                                       "cache_prompt": False, "ignore_eos": True})
+    """llama.cpp's greedy continuation of token ids (up to its end-of-text token), and its log-probability of each token it chose.
+
+    The end-of-text token is not banned (`ignore_eos`): banning it makes llama.cpp pick the runner-up where the model would stop.
+    """
+    reply = server.handle_completions({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "n_probs": 1, "cache_prompt": False})
     if "choices" not in reply:
         raise RuntimeError(f"llama.cpp answered {str(reply)[:300]}")
     content = reply["choices"][0]["logprobs"]["content"]

@@ -31,6 +31,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "05": dict(base_model="smollm2-tiny-random", tune_steps=2, tune_examples=16, n_prompts=16, n_test=8, pref_prompts=8, pref_samples=2, n_style=8,
                    lora_rank=4, lr=5e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=2, batch_size=4, method_seconds=60.0, max_steps=2, prompts_per_step=4,
                    group_size=2, max_new_tokens=4, trl_steps=1),
+        "06": dict(base_model="smollm2-tiny-random", pretrained_steps=20, eval_windows=2, window=64, n_task=8, gen_tokens=4, gguf_types=["F16", "Q4_0"],
+                   agreement_tokens=8, storage_context=512),
     },
     "cpu": {
         "00": dict(
@@ -46,6 +48,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "05": dict(base_model="smollm2-135m-instruct", tune_steps=48, tune_examples=2000, n_prompts=400, n_test=100, pref_prompts=48, pref_samples=4,
                    n_style=16, lora_rank=16, lr=1e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=8, batch_size=8, method_seconds=40.0, max_steps=100,
                    prompts_per_step=8, group_size=4, max_new_tokens=8, trl_steps=2),
+        "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=300, eval_windows=6, window=256, n_task=40, gen_tokens=12,
+                   gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=24, storage_context=4096),
     },
     "gpu": {
         "00": dict(
@@ -62,6 +66,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "05": dict(base_model="smollm2-135m-instruct", tune_steps=400, tune_examples=5000, n_prompts=2000, n_test=300, pref_prompts=500, pref_samples=8,
                    n_style=400, lora_rank=16, lr=2e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=200, batch_size=32, method_seconds=300.0, max_steps=500,
                    prompts_per_step=32, group_size=8, max_new_tokens=16, trl_steps=20),
+        "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=2000, eval_windows=32, window=512, n_task=300, gen_tokens=64,
+                   gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=64, storage_context=8192),
     },
 }
 

@@ -66,7 +66,7 @@ def groups(w: torch.Tensor, group_size: int, name: str = "weight") -> torch.Tens
     if in_features % group_size:
         divisors = [g for g in (32, 64, 128, 256) if in_features % g == 0]
         raise ValueError(f"{name}: group_size={group_size} does not divide its {in_features} inputs; "
-                         f"use one of {divisors or 'no standard size: keep this layer unquantized (skip=...)'}")
+                         f"use one of {divisors or 'no standard size: use int8 for this model'}")
     return w.reshape(out_features, in_features // group_size, group_size)
 
 
@@ -356,3 +356,92 @@ def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, 
     model = _empty_quantized(GPTConfig.from_dict(meta["config"]), meta["scheme"], meta["group_size"])
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+# --- measuring a scheme, and the libraries people use, on the same model ------------------------------
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes a model's weights take in memory, for ours, bitsandbytes' and torchao's layers alike (each storage counted once)."""
+    seen, total = set(), 0
+
+    def add(t: torch.Tensor | None) -> None:
+        nonlocal total
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        if hasattr(t, "qdata"):  # torchao's quantized tensor: int8 data and its scales
+            add(t.qdata)
+            add(t.scale)
+            continue
+        add(t)
+        state = getattr(t, "quant_state", None)  # bitsandbytes' 4-bit weight keeps its block scales apart
+        if state is not None:
+            add(state.absmax)
+            if getattr(state, "state2", None) is not None:
+                add(state.state2.absmax)
+        add(getattr(t, "SCB", None))  # bitsandbytes' int8 row scales
+    return total
+
+
+def reference_model(model: GPT, library: str) -> GPT:
+    """A copy of `model` whose blocks' linear layers are a library's: "bnb-int8" (LLM.int8), "bnb-nf4", "bnb-fp4", "torchao-int8".
+
+    As `transformers` does with these libraries, the embedding and output head stay full precision.
+    """
+    import copy
+
+    out = copy.deepcopy(model).cpu().eval()
+    if library == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(out.blocks, Int8WeightOnlyConfig())
+        return out
+    import logging
+
+    import bitsandbytes as bnb
+
+    # LLM.int8 casts fp32 inputs to fp16 and says so on every call
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda record: "inputs will be cast" not in record.getMessage())
+    for name, linear in _quantizable(out):
+        w = linear.weight.detach().clone()
+        if library == "bnb-int8":
+            layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        elif library in ("bnb-nf4", "bnb-fp4"):
+            kind = library.split("-")[1]
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=kind, compute_dtype=torch.float32)
+            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=kind, blocksize=64)
+        else:
+            raise ValueError(f"unknown reference {library!r}: choose bnb-int8, bnb-nf4, bnb-fp4 or torchao-int8")
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(out.blocks.get_submodule(parent_name), child, layer.to("cpu"))  # .to() is where bitsandbytes quantizes
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) over rows of token ids (every row the same length)."""
+    from .model import token_logprobs
+
+    total = [token_logprobs(model, windows[i:i + batch_size]).double().sum() for i in range(0, len(windows), batch_size)]
+    return float(torch.exp(-torch.stack(total).sum() / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> float:
+    """Generated tokens per second (all rows together), greedy with the KV cache; best of `repeats` after a warm-up."""
+    import time
+
+    from .generate import generate
+
+    generate(model, prompt, 2, temperature=0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(model, prompt, new_tokens, temperature=0)
+        best = min(best, time.perf_counter() - start)
+    return prompt.shape[0] * new_tokens / best

@@ -513,6 +513,32 @@ def pretrain(config: TrainConfig, on_eval: Callable[[dict], None] | None = None,
     return result
 
 
+PRETRAINED = "llmnb-shakespeare"  # notebook 03's model, where later notebooks look for it
+
+
+def prepare_pretrained(steps: int = 300, vocab_size: int = 4096, force: bool = False) -> Path:
+    """`outputs/models/llmnb-shakespeare`: notebook 03's model when it ran; otherwise a short run of the same recipe here.
+
+    For a later notebook run alone (on Colab, say): a 4-layer, 128-wide GPT-2 on the
+    Shakespeare BPE tokens, `steps` steps (about a minute on a laptop CPU at 300).
+    """
+    import shutil
+
+    from .data import prepare_token_dataset
+    from .paths import outputs_dir, write_atomic
+
+    target = outputs_dir("models") / PRETRAINED
+    if (target / "config.json").exists() and not force:
+        return target
+    run = outputs_dir("pretrain", "prepared")
+    shutil.rmtree(run, ignore_errors=True)
+    config = TrainConfig(data_dir=str(prepare_token_dataset("bpe", vocab_size=vocab_size)), out_dir=str(run), n_layer=4, n_head=4, n_embd=128,
+                         block_size=128, batch_size=16, max_steps=steps, warmup_steps=max(1, steps // 20), lr=2e-3, min_lr=2e-4,
+                         eval_interval=steps, eval_batches=2, checkpoint_interval=0, sample_tokens=0)
+    result = pretrain(config, progress=False)
+    return write_atomic(target, lambda tmp: shutil.copytree(result.hf_dir, tmp))
+
+
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(step records, eval records) from a metrics.jsonl; the speed of each logging interval
     (tokens/s, MFU, memory) is on the step record that closed it."""

@@ -35,6 +35,8 @@ class Mutation:
 
 T = "tests/test_train.py::"
 A = "tests/test_align.py::"
+Q = "tests/test_quantize.py::"
+G = "tests/test_gguf.py::"
 MUTATIONS = [
     Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss / config.grad_accum).backward()",
              "scaler.scale(loss * world_size() / config.grad_accum).backward()", (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
@@ -109,6 +111,21 @@ MUTATIONS = [
              (A + "test_response_logprobs_equal_the_samplers_and_token_logprobs_and_the_reference_is_the_base",)),
     Mutation("rollout: the stop token itself masked out", "llmnb/align.py", "keep = (stops.cumsum(-1) - stops == 0).long()",
              "keep = (stops.cumsum(-1) == 0).long()", (A + "test_a_stop_token_ends_the_response_mask_after_it",)),
+    Mutation("NF4: the quantile offset of the paper left out", "llmnb/quantize.py", "offset = 0.5 * (1 / 32 + 1 / 30)", "offset = 1 / 32",
+             (Q + "test_nf4_levels_built_from_normal_quantiles_equal_bitsandbytes_table",)),
+    Mutation("NF4: nibbles packed low first", "llmnb/quantize.py", "return (pairs[:, 0] << 4) | pairs[:, 1]", "return (pairs[:, 1] << 4) | pairs[:, 0]",
+             (Q + "test_nf4_codes_block_scales_and_packed_bytes_equal_bitsandbytes_on_the_same_blocks",)),
+    Mutation("int4 kernel: the zero point without its 8 levels", "llmnb/quantize.py", "zero = lo + 8 * scale", "zero = lo",
+             (Q + "test_each_layer_computes_with_the_weight_it_stores",)),
+    Mutation("int8: rounded with the fp32 scale, stored in bf16", "llmnb/quantize.py", "(w / scale.float()[:, None]).round()",
+             "(w / (w.abs().amax(-1).clamp(min=1e-12) / 127)[:, None]).round()", (Q + "test_int8_weights_equal_torchao_int8_weight_only_within_one_step",)),
+    Mutation("GGUF: queries not permuted for llama.cpp's rotary layout", "llmnb/gguf.py",
+             'out[b + "attn_q.weight"] = _permute(sd[p + "attn.q_proj.weight"], c.n_head)', 'out[b + "attn_q.weight"] = sd[p + "attn.q_proj.weight"]',
+             (G + "test_transformers_reads_our_files_back_with_the_logits_of_the_weights_they_store",)),
+    Mutation("GGUF: keys permuted by the query head count", "llmnb/gguf.py", '_permute(sd[p + "attn.k_proj.weight"], c.n_kv_head)',
+             '_permute(sd[p + "attn.k_proj.weight"], c.n_head)', (G + "test_transformers_reads_our_files_back_with_the_logits_of_the_weights_they_store",)),
+    Mutation("GGUF: special tokens typed as normal text", "llmnb/gguf.py", '"types": [3 if i in special else 1 for i in range(len(tokens))]',
+             '"types": [1 for i in range(len(tokens))]', (G + "test_the_vocabulary_we_write_for_smollm2_equals_the_one_llama_cpps_converter_wrote",)),
 ]
 
 

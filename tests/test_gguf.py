@@ -135,3 +135,18 @@ def test_ollama_modelfile_uses_chatml_for_chat_models_and_the_bare_prompt_otherw
     plain = bpe_as_hf(train_bpe(["to be or not to be"] * 3, 260, GPT4_SPLIT, special_tokens=[ENDOFTEXT]))
     text = ours.write_modelfile(tmp_path / "plain.F16.gguf", plain).read_text()
     assert 'TEMPLATE """{{ .Prompt }}"""' in text and "<|endoftext|>" in text
+
+
+def test_the_calculator_predicts_the_size_of_every_file_we_write(files, tiny):
+    from llmnb import budget
+
+    shape = tiny.config.shape()
+    for qtype, dtype in {"F32": "fp32", "F16": "bf16", "Q8_0": "int8", "Q4_0": "int4"}.items():
+        predicted, actual = budget.gguf_file_bytes(shape, dtype), files[qtype].stat().st_size
+        assert abs(actual / predicted - 1) < 0.03, (qtype, actual, predicted)
+    rows = budget.storage_table([budget.CATALOG["llama-3-8B"]], context=4096)
+    assert [r["dtype"] for r in rows] == ["fp32", "bf16", "int8", "int4"]
+    kv = 4096 * 2 * 32 * 8 * 128 * 2 / 1e9  # keys and values, 32 layers, 8 kv heads of 128, bf16
+    assert all(abs(r["KV cache GB (4096 tokens)"] - kv) < 1e-9 and abs(r["memory GB"] - r["disk GB"] - kv) < 1e-9 for r in rows)
+    n = budget.CATALOG["llama-3-8B"].n_params
+    assert n * 4.5 / 8 < rows[3]["disk GB"] * 1e9 < n * 5.5 / 8, "4.5 bits a weight, more for the 8.5-bit embedding and head"

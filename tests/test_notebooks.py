@@ -1,4 +1,6 @@
 """Every numbered notebook runs under papermill with the smoke preset, and the committed ones show a real run."""
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -33,3 +35,49 @@ def test_committed_notebook_carries_outputs_and_no_errors(path):
 
 def test_notebooks_folder_has_only_numbered_notebooks():
     assert all(p.name[:2].isdigit() for p in notebooks_dir().glob("*.ipynb"))
+
+
+def test_every_install_cell_installs_from_the_address_in_the_package_metadata():
+    import re
+    import tomllib
+
+    from llmnb.paths import project_root
+
+    source = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]["urls"]["Source"]
+    for path in NOTEBOOKS:
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code").source
+        assert re.search(r'os\.environ\.get\("LLMNB_SOURCE", "git\+([^"]+)"\)', cell).group(1) == source, path.name
+        assert 'f"llmnb @ {source}"' in cell, f"{path.name}: the install uses the LLMNB_SOURCE override"
+
+
+def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_install(tmp_path):
+    """As on Colab: the package installed from a built wheel (not this checkout), the notebook in a folder of its own,
+    its install cell taking the Kaggle branch with LLMNB_SOURCE pointing at this checkout, offline."""
+    import os
+    import site
+    import subprocess
+    import sys
+
+    from llmnb.paths import project_root
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    # the third-party stack is visible as a plain path entry: this checkout's editable-install hook (a .pth there) is not run
+    (Path(packages) / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    work = tmp_path / "colab"
+    work.mkdir()
+    notebook = work / "00.ipynb"
+    notebook.write_bytes((project_root() / "notebooks" / "00_can_my_machine_do_it.ipynb").read_bytes())
+    env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "LLMNB_SOURCE": f"file://{project_root()}", "LLMNB_PRESET": "smoke",
+           "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PYTHONPATH": "",
+           "PIP_NO_BUILD_ISOLATION": "0"}  # pip reads its "no-" switches inverted: 0 turns build isolation off (the offline build)
+    env.pop("LLMNB_HOME", None)
+    subprocess.run([python, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], check=True, env=env, capture_output=True)
+    run = subprocess.run([python, "-m", "papermill", notebook.name, "out.ipynb", "-k", "python3", "--cwd", str(work)],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    where = subprocess.run([python, "-c", "import llmnb; print(llmnb.__file__)"], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(packages) and "__editable__" not in where, f"llmnb imported from {where}, not the installed wheel"
+    assert (work / "outputs").is_dir(), "outputs land beside the notebook, not in the checkout"

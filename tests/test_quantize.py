@@ -118,6 +118,9 @@ def test_saved_quantized_models_load_back_identical_and_refuse_another_scheme(tm
     with torch.no_grad():
         assert torch.equal(model(ids)[0], back(ids)[0])
     assert len(tokenizer) == len(chat_tokenizer)
+    from llmnb.checkpoint import load
+
+    assert load(folder)[0].quantization == {"scheme": "int4", "group_size": 32}, "the one loader takes quantized folders too"
     with pytest.raises(ValueError, match="holds int4 weights, not int8"):
         q.load_quantized(folder, scheme="int8")
     with pytest.raises(FileNotFoundError, match="not a quantized llmnb model"):

@@ -285,3 +285,18 @@ def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve(
     lora.attach(other, ["q_proj"], r=4, alpha=8)
     with pytest.raises(ValueError, match="not the ones that train now"):
         train.train(other, batches, config(data_dir, tmp_path / "resumed", **{**settings, "max_steps": 12}), progress=False)
+
+
+def test_prepare_pretrained_finds_notebook_03s_model_or_trains_the_recipe_when_missing(tmp_path, monkeypatch):
+    from llmnb import train
+    from llmnb.checkpoint import load
+
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    folder = train.prepare_pretrained(steps=3, vocab_size=300)
+    model, tokenizer = load(folder)
+    assert folder.name == "llmnb-shakespeare" and model.config.n_embd == 128 and len(tokenizer) <= model.config.vocab_size
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert train.prepare_pretrained(steps=3, vocab_size=300) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    from llmnb import data
+
+    assert data.read_meta(data.prepare_token_dataset("bpe", vocab_size=320)).vocab_size == 320, "another preset's token files are rebuilt"

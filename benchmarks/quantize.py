@@ -1,0 +1,99 @@
+"""Quantized models: llmnb.quantize vs bitsandbytes, torchao and llama.cpp on the same model, as ratios to fp32.
+
+    .venv/bin/python benchmarks/quantize.py                      # SmolLM2-135M-Instruct
+    .venv/bin/python benchmarks/quantize.py --model outputs/models/llmnb-shakespeare --windows 8
+
+Per contender, in one process, one after another: the bytes of its weights (in memory for the
+torch models, the file for llama.cpp), perplexity on held-out Shakespeare (windows of 256 tokens
+of the validation split), and greedy decoding tokens/s at batch 1 with the KV cache (best of
+`--repeats` after a warm-up). llama.cpp (xllamacpp) runs the GGUF files llmnb.gguf writes; its
+perplexity is that of the weights the file stores, computed by our model (llama.cpp's API gives
+log-probabilities of generated tokens only), and its speed is its own `predicted_per_second`.
+Targets (issue 12): int8 <= 0.27x the fp32 bytes with perplexity within 1 %; int4 <= 0.16x with
+perplexity no worse than bitsandbytes NF4; our int8 decoding >= 1.5x our fp32 decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per speed measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from llmnb import checkpoint, data
+    from llmnb import gguf as gg
+    from llmnb import quantize as q
+    from llmnb.paths import outputs_dir
+
+    model, tokenizer = checkpoint.load(args.model)
+    cleaned, _ = data.clean(data.load_corpus("shakespeare"))
+    val = "\n\n".join(d.text for d in data.split_documents(cleaned.documents, 0.1)[1])
+    ids = torch.tensor(tokenizer.encode(val[: args.windows * 256 * 8])[: args.windows * 256]).view(args.windows, 256)
+    prompt = ids[:1, :16]
+    rows = {}
+
+    def torch_row(name, m):
+        rows[name] = {"bytes": q.model_bytes(m), "perplexity": q.perplexity(m, ids),
+                      "tokens/s": q.decode_speed(m, prompt, args.tokens, repeats=args.repeats)}
+        print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
+
+    torch_row("fp32 (ours)", model)
+    for scheme, group in [("int8", 64), ("int8-dynamic", 64), ("int4", 32), ("int4", 64), ("nf4", 64)]:
+        try:
+            torch_row(f"{scheme} g{group} (ours)" if scheme.startswith("int4") else f"{scheme} (ours)",
+                      q.quantize_model(copy.deepcopy(model), scheme, group))
+        except ValueError as error:
+            print(f"{scheme} g{group}: skipped: {error}")
+    for library in ("bnb-int8", "bnb-nf4", "torchao-int8"):
+        torch_row(library, q.reference_model(model, library))
+    folder = outputs_dir("benchmarks", "gguf")
+    for qtype in ("F16", "Q8_0", "Q4_0"):
+        path = gg.write_gguf(model, tokenizer, folder / f"model.{qtype}.gguf", qtype)
+        server = gg.llama_cpp_server(path, n_ctx=256)
+        request = {"prompt": prompt[0].tolist(), "max_tokens": args.tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
+        speed = max(server.handle_completions(request)["timings"]["predicted_per_second"] for _ in range(args.repeats + 1))
+        weights = gg.file_weights(model, qtype) if model.config.flavour == "llama" else model
+        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, "perplexity": q.perplexity(weights, ids), "tokens/s": speed}
+        print(f"llama.cpp {qtype}", rows[f"llama.cpp {qtype}"], flush=True)
+        del server
+
+    print("\nwhere a decoding step's time goes (torch profiler, 16 tokens at batch 1):")
+    matmul_ops = {"aten::mm", "aten::addmm", "aten::_weight_int8pack_mm"}
+    for name, m in [("fp32", model), ("int8", q.quantize_model(copy.deepcopy(model), "int8"))]:
+        q.decode_speed(m, prompt, 2, repeats=1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            q.decode_speed(m, prompt, 16, repeats=1)
+        events = prof.key_averages()
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in matmul_ops) / 1e3
+        total = sum(e.self_cpu_time_total for e in events) / 1e3
+        print(f"- {name}: matmuls {matmul:.0f} ms of {total:.0f} ms; the rest (norms, attention, rotary, cache, casts) {total - matmul:.0f} ms")
+
+    base = rows["fp32 (ours)"]
+    print("\n| contender | MB | perplexity | decode tok/s (batch 1) | bytes / fp32 | perplexity / fp32 | speed / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.2f} | {r['tokens/s']:.1f} | {r['bytes'] / base['bytes']:.3f} | "
+              f"{r['perplexity'] / base['perplexity']:.4f} | {r['tokens/s'] / base['tokens/s']:.2f} |")
+    int8, nf4 = rows["int8 (ours)"], rows["bnb-nf4"]
+    int4 = min((r for n, r in rows.items() if n.startswith("int4")), key=lambda r: r["perplexity"])
+    print("\ntargets:")
+    print(f"- int8 bytes {int8['bytes'] / base['bytes']:.3f}x (<= 0.27), perplexity {int8['perplexity'] / base['perplexity'] - 1:+.2%} (within 1 %)")
+    print(f"- best int4 bytes {int4['bytes'] / base['bytes']:.3f}x (<= 0.16), perplexity {int4['perplexity']:.2f} vs bitsandbytes NF4 {nf4['perplexity']:.2f}")
+    print(f"- int8 decoding {int8['tokens/s'] / base['tokens/s']:.2f}x our fp32 (>= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
