@@ -299,4 +299,6 @@ def test_prepare_pretrained_finds_notebook_03s_model_or_trains_the_recipe_when_m
     assert train.prepare_pretrained(steps=3, vocab_size=300) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
     from llmnb import data
 
-    assert data.read_meta(data.prepare_token_dataset("bpe", vocab_size=320)).vocab_size == 320, "another preset's token files are rebuilt"
+    again = train.prepare_pretrained(steps=3, vocab_size=320)  # another preset: its own token files and model
+    assert data.read_meta(data.prepare_token_dataset("bpe", vocab_size=320)).vocab_size == 320
+    assert load(again)[0].config.vocab_size == 320, "a model of another vocabulary is not taken for this one"
