@@ -67,6 +67,11 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# each block's tensors, our name -> llama.cpp's (GPT-2's q, k and v are written fused as attn_qkv)
+BLOCK_NAMES = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+               "attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
 def _tensors(model: GPT) -> dict[str, torch.Tensor]:
     """llama.cpp's tensor names -> fp32 tensors, (rows, cols) as in PyTorch."""
     c, sd = model.config, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -75,15 +80,17 @@ def _tensors(model: GPT) -> dict[str, torch.Tensor]:
         out["position_embd.weight"] = sd["wpe.weight"]
     for i in range(c.n_layer):
         p, b = f"blocks.{i}.", f"blk.{i}."
-        names = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.o_proj": "attn_output", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
         if c.flavour == "llama":
-            names |= {"attn.v_proj": "attn_v", "mlp.gate_proj": "ffn_gate"}
+            written = {"attn.q_proj", "attn.k_proj"}
             out[b + "attn_q.weight"] = _permute(sd[p + "attn.q_proj.weight"], c.n_head)
             out[b + "attn_k.weight"] = _permute(sd[p + "attn.k_proj.weight"], c.n_kv_head)
         else:  # GPT-2 keeps one fused query-key-value matrix
+            written = {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
             for kind in ("weight", "bias"):
                 out[b + f"attn_qkv.{kind}"] = torch.cat([sd[p + f"attn.{x}_proj.{kind}"] for x in "qkv"])
-        for ours, theirs in names.items():
+        for ours, theirs in BLOCK_NAMES.items():
+            if ours in written:
+                continue
             for kind in ("weight", "bias"):
                 if p + f"{ours}.{kind}" in sd:
                     out[b + f"{theirs}.{kind}"] = sd[p + f"{ours}.{kind}"]
@@ -106,15 +113,14 @@ def _tensor_type(name: str, t: torch.Tensor, qtype: str) -> str:
     return "Q8_0" if name in ("token_embd.weight", "output.weight") else qtype
 
 
-def _ours(config, name: str) -> str:
-    """Our parameter name of a llama.cpp matrix that is stored as is (the ones `_tensors` only renames or permutes)."""
+def _ours(name: str) -> str:
+    """Our parameter name of a llama.cpp matrix (of a Llama-flavour model)."""
     if name == "token_embd.weight":
         return "wte.weight"
     if name == "output.weight":
         return "lm_head.weight"
     _, layer, kind, _ = name.split(".")
-    return f"blocks.{layer}." + {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj",
-                                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}[kind] + ".weight"
+    return f"blocks.{layer}." + {theirs: ours for ours, theirs in BLOCK_NAMES.items()}[kind] + ".weight"
 
 
 def file_weights(model: GPT, qtype: str) -> GPT:
@@ -136,7 +142,7 @@ def file_weights(model: GPT, qtype: str) -> GPT:
             kind = _tensor_type(name, t, qtype)
             if t.ndim != 2 or kind == "F32":
                 continue
-            target = state[_ours(model.config, name)]
+            target = state[_ours(name)]
             w = target.float().cpu().numpy()
             if kind == "F16":
                 back = w.astype(np.float16).astype(np.float32)

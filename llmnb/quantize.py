@@ -41,11 +41,16 @@ WEIGHTS_FILE = "model.safetensors"
 # --- formats: one matrix at a time --------------------------------------------------------------
 
 
-def absmax_quantize(w: torch.Tensor, dim: int | None = -1, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric: w ~ scale * q with q in [-(2^(b-1)-1), 2^(b-1)-1]; one scale per tensor (dim None) or along `dim`."""
+def absmax_quantize(w: torch.Tensor, dim: int | None = -1, bits: int = 8, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric: w ~ scale * q with q in [-(2^(b-1)-1), 2^(b-1)-1]; one scale per tensor (dim None) or along `dim`.
+
+    `scale_dtype`: the scale is rounded to it (a kernel's bf16, say) before rounding w, so the error stays within half a step.
+    """
     qmax = 2 ** (bits - 1) - 1
     absmax = w.abs().amax() if dim is None else w.abs().amax(dim=dim, keepdim=True)
     scale = absmax.clamp(min=1e-12) / qmax  # an all-zero row keeps a finite scale
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).float()
     return (w / scale).round().clamp(-qmax, qmax).to(torch.int8), scale
 
 
@@ -180,10 +185,9 @@ class QuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size)
         with torch.no_grad():
             if scheme in ("int8", "int8-dynamic"):
-                # round with the bf16 scale the kernel will use: the error stays within half a step
-                scale = (w.abs().amax(-1).clamp(min=1e-12) / 127).to(torch.bfloat16)
-                layer.qweight.copy_((w / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8))
-                layer.scale.copy_(scale)
+                q, scale = absmax_quantize(w, dim=-1, scale_dtype=torch.bfloat16)  # the kernel's scale dtype
+                layer.qweight.copy_(q)
+                layer.scale.copy_(scale.squeeze(-1))
             elif scheme == "int4":
                 q, scale, lo = int4_quantize(w, group_size, name)
                 zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
@@ -310,16 +314,6 @@ def _empty_quantized(config: GPTConfig, scheme: str, group_size: int) -> GPT:
         model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
     model.quantization = {"scheme": scheme, "group_size": group_size}
     return model
-
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and saved buffer, each stored tensor counted once."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers() if b is not None]:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:

@@ -105,7 +105,7 @@ def test_quantized_models_stay_close_to_full_precision_and_shrink(tiny_llama, sc
         quant = model(ids)[0].log_softmax(-1)
     kl = F.kl_div(quant, full, log_target=True, reduction="batchmean") / ids.shape[1]
     assert kl < (0.01 if scheme.startswith("int8") else 0.05)
-    ratio = q.quantized_bytes(model) / q.quantized_bytes(tiny_llama)
+    ratio = q.model_bytes(model) / q.model_bytes(tiny_llama)
     assert ratio < (0.3 if scheme.startswith("int8") else 0.2)
     assert model.wte._source() is model.lm_head, "the tied embedding reads the head's int8 matrix: stored once"
 
