@@ -1,8 +1,9 @@
-"""Command line: `python -m llmnb run|assets|info` (also installed as `llmnb`)."""
+"""Command line: `python -m llmnb run|assets|info|serve|serve-gguf` (also installed as `llmnb`)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,38 @@ def main(argv: list[str] | None = None) -> int:
     assets_p = sub.add_parser("assets", help="install and prepare the offline corpus, tokenizer files and model")
     assets_p.add_argument("--no-model", action="store_true", help="skip the SmolLM2 conversion (~20 s, 540 MB)")
     sub.add_parser("info", help="print this machine's CPU, RAM, GPU, disk and library versions")
+    serve_p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API (see README: Deploying)")
+    serve_p.add_argument("model", help="a registry name (smollm2-135m-instruct), a model folder (quantized too), or a hub id")
+    serve_p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve_p.add_argument("--port", type=int, default=8000)
+    serve_p.add_argument("--api-key", default=os.environ.get("LLMNB_API_KEY"), help="required as 'Authorization: Bearer KEY' (default $LLMNB_API_KEY)")
+    serve_p.add_argument("--adapter", default=None, help="a LoRA adapter folder (peft format) to merge onto the model")
+    serve_p.add_argument("--name", default=None, help="the model id clients send (default: the folder or registry name)")
+    serve_p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (1 = batching off)")
+    serve_p.add_argument("--context", type=int, default=None, help="tokens per request, prompt + reply (default: the model's, at most 2048)")
+    serve_p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    serve_p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve_p.add_argument("--moderation", default="profanity", help="profanity (alt-profanity-check), none, or hf:MODEL[:LABEL]")
+    serve_p.add_argument("--moderation-threshold", type=float, default=None)
+    gguf_p = sub.add_parser("serve-gguf", help="serve a GGUF file with llama.cpp's own server (xllamacpp)")
+    gguf_p.add_argument("gguf")
+    gguf_p.add_argument("--host", default="127.0.0.1")
+    gguf_p.add_argument("--port", type=int, default=8080)
+    gguf_p.add_argument("--parallel", type=int, default=8, help="slots decoded together")
+    gguf_p.add_argument("--context", type=int, default=2048, help="tokens per slot")
+    gguf_p.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "serve-gguf":
+        from .serve.launch import serve_gguf
+
+        try:
+            return serve_gguf(args.gguf, args.port, args.parallel, args.context, args.threads, args.host)
+        except FileNotFoundError as exc:
+            print(f"llmnb serve-gguf: {exc}", file=sys.stderr)
+            return 2
 
     if args.command == "run":
         from .runner import parse_parameter, run
@@ -49,6 +81,26 @@ def main(argv: list[str] | None = None) -> int:
     from .hardware import machine_info
 
     print(json.dumps(machine_info().as_dict(), indent=2))
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .serve.app import ServeConfig, create_app
+
+    if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
+        print("llmnb serve: --max-batch and --max-body-bytes must be >= 1, --max-waiting >= 0", file=sys.stderr)
+        return 2
+    if args.adapter and not Path(args.adapter, "adapter_config.json").is_file():
+        print(f"llmnb serve: {args.adapter} is not a LoRA adapter folder (no adapter_config.json)", file=sys.stderr)
+        return 2
+    config = ServeConfig(args.model, args.adapter, args.name, args.api_key, args.max_batch, args.context, args.max_waiting,
+                         args.max_body_bytes, args.moderation, args.moderation_threshold)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"llmnb serve: listening on {args.host} without an API key: anyone who reaches this port can use the model", file=sys.stderr)
+    # uvicorn stops accepting on SIGTERM and waits for the requests in flight (streams too) before the app shuts down
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=120)
     return 0
 
 

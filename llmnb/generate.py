@@ -121,4 +121,8 @@ def sample(logits: torch.Tensor, seq: torch.Tensor, temperature: float, top_k: i
         probs = sorted_logits.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= top_p  # keep the smallest set reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    # Inverse-CDF sampling: one uniform number per row against the cumulative probabilities. torch.multinomial draws an
+    # exponential number per vocabulary entry (~1.7 ms a row at 49k tokens on 2 cores: 15% of a served decoding step).
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, vocab)
+    u = 1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)  # (0, 1]: never lands on a 0-probability token
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[-1] - 1).squeeze(1)

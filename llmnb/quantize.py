@@ -439,3 +439,15 @@ def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats
         generate(model, prompt, new_tokens, temperature=0)
         best = min(best, time.perf_counter() - start)
     return prompt.shape[0] * new_tokens / best
+
+
+def prepare_quantized(model_dir: str | Path, scheme: str = "int8", group_size: int = 64) -> Path:
+    """`<model_dir>-<scheme>`: the model quantized and saved (save_quantized), once; found when it is already there."""
+    from .checkpoint import load
+
+    model_dir = Path(model_dir)
+    target = model_dir.with_name(f"{model_dir.name}-{scheme}")
+    if (target / QUANT_FILE).is_file():
+        return target
+    model, tokenizer = load(model_dir)
+    return save_quantized(quantize_model(model, scheme, group_size), tokenizer, target)

@@ -97,3 +97,11 @@ def test_bad_lengths_raise_clear_errors(pair):
         generate(ours, torch.zeros(1, 3, dtype=torch.long), -1)
     with pytest.raises(ValueError, match="at least one token"):
         generate(ours, torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+def test_sampling_draws_tokens_at_their_probabilities():
+    logits = torch.tensor([[2.0, 0.0, -1.0, float("-inf"), 1.0]]).repeat(20000, 1)
+    draws = sample(logits, torch.empty(20000, 0, dtype=torch.long), 1.0, None, None, 1.0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=5).float() / 20000
+    assert frequencies[3] == 0  # a -inf logit is never drawn
+    assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.01)

@@ -1,0 +1,187 @@
+"""Server processes for notebooks, tests and benchmarks: ours (`llmnb serve`) and llama.cpp's (`llmnb serve-gguf`).
+
+Each runs in its own process on a free port of 127.0.0.1 and is always stopped when the
+`with` block ends, even on an error, so nothing is left behind. A server that fails to start
+raises with the end of its log.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A running server: its base URL (`url`, ending in /v1 for OpenAI clients at `api`), process and log."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log: Path):
+        self.process, self.port, self.log = process, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.api = f"{self.url}/v1"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def wait_healthy(self, timeout: float, headers: dict | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} while starting:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=headers or {}), timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not become healthy in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (the server drains its requests), then SIGKILL after `timeout` seconds."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def rss_bytes(self) -> int:
+        import psutil
+
+        return psutil.Process(self.process.pid).memory_info().rss
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGTERM when the process that started it dies (a killed kernel too)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _start(args: list[str], port: int, timeout: float, threads: int | None, log: Path | None) -> ServerProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = log or Path(tempfile.mkstemp(prefix="llmnb-server-", suffix=".log")[1])
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
+    server = ServerProcess(process, port, log)
+    atexit.register(server.stop)  # a notebook that stops early still leaves nothing running
+    try:
+        server.wait_healthy(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def _stopping(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_server(model: str | Path, *options: str, port: int | None = None, timeout: float = 300, threads: int | None = None,
+                 log: Path | None = None) -> ServerProcess:
+    """`llmnb serve model ...` in a new process, returned once /health answers 200; stop it with `.stop()`."""
+    port = port or free_port()
+    args = [sys.executable, "-m", "llmnb", "serve", str(model), "--port", str(port), *options]
+    return _start(args, port, timeout, threads, log)
+
+
+def start_llama_cpp(gguf: str | Path, n_parallel: int = 8, context: int = 2048, threads: int | None = None,
+                    port: int | None = None, timeout: float = 120, log: Path | None = None) -> ServerProcess:
+    """llama.cpp's own server (xllamacpp) on a GGUF file, `n_parallel` slots of `context` tokens each; stop it with `.stop()`."""
+    port = port or free_port()
+    args = [sys.executable, "-m", "llmnb", "serve-gguf", str(gguf), "--port", str(port), "--parallel", str(n_parallel),
+            "--context", str(context)] + (["--threads", str(threads)] if threads else [])
+    return _start(args, port, timeout, threads, log)
+
+
+def local_server(model: str | Path, *options: str, **kwargs):
+    """`with local_server(model, "--max-batch", "16") as server:` runs `llmnb serve model ...` until the block ends."""
+    return _stopping(start_server(model, *options, **kwargs))
+
+
+def llama_cpp_process(gguf: str | Path, **kwargs):
+    """`with llama_cpp_process(path, n_parallel=16) as server:` runs llama.cpp's server until the block ends."""
+    return _stopping(start_llama_cpp(gguf, **kwargs))
+
+
+def serve_gguf(path: str | Path, port: int, n_parallel: int, context: int, threads: int | None, host: str = "127.0.0.1") -> int:
+    """Run llama.cpp's server (continuous batching, /metrics) on `path` until SIGTERM or SIGINT."""
+    import threading
+
+    import xllamacpp
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}: write one with llmnb.gguf.write_gguf (notebook 06)")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_parallel = n_parallel
+    params.n_ctx = context * n_parallel  # llama.cpp splits its context between the slots
+    params.cont_batching = True
+    params.endpoint_metrics = True
+    params.port = port
+    params.hostnames = [host]
+    params.warmup = False
+    params.verbosity = -1
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads or os.cpu_count()
+    server = xllamacpp.Server(params)  # listens until the object goes away
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"llama.cpp serving {path} at {server.listening_address}", flush=True)
+    stop.wait()
+    del server
+    return 0
+
+
+def served_model(base: str = "smollm2-135m-instruct") -> Path:
+    """The collection's latest model of `base`: notebook 05's aligned one, else notebook 04's tuned one, else the base itself."""
+    from ..align import aligned_folder
+    from ..checkpoint import resolve_model
+    from ..sft import tuned_folder
+
+    base_dir = Path(resolve_model(base))
+    for folder in (aligned_folder(base_dir), tuned_folder(base_dir)):
+        if (folder / "config.json").is_file():
+            return folder
+    return base_dir
+
+
+def served_gguf(model: str | Path, qtype: str = "F16") -> Path:
+    """The same model as a GGUF file for llama.cpp, outputs/gguf/<name>.<qtype>.gguf, written when missing or older than the model."""
+    from ..checkpoint import load, resolve_model
+    from ..gguf import write_gguf
+    from ..paths import outputs_dir
+
+    folder = Path(resolve_model(str(model)))
+    path = outputs_dir("gguf") / f"{folder.name}.{qtype}.gguf"
+    weights = max((p.stat().st_mtime for p in folder.glob("*.safetensors")), default=0.0)
+    if path.is_file() and path.stat().st_mtime >= weights:
+        return path
+    full, tokenizer = load(folder)
+    return write_gguf(full, tokenizer, path, qtype)

@@ -1,0 +1,138 @@
+"""Load on an OpenAI-compatible server, from real HTTP clients that stream (httpx): ours, llama.cpp's, vLLM's alike.
+
+    rows = [closed_loop(url, model, c, seconds=10) for c in (1, 4, 16)]    # c clients, each sending again as soon as it is answered
+    row = poisson(url, model, rate=2.0, seconds=10)                         # arrivals at random, `rate` a second on average
+
+Every request asks for exactly `max_tokens` (`ignore_eos`, which vLLM and llama.cpp accept too),
+so that each server does the same work. A request still running when the time is up is
+cancelled (the client hangs up) and counts only the tokens it received in time.
+Time to first token (TTFT), time per output token after the first (TPOT) and end-to-end
+latency are taken over the requests that finished; output tokens/s over the window.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+
+CUT = "cut at the deadline"
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+@dataclass
+class Result:
+    started: float
+    first_token: float | None = None
+    finished: float | None = None
+    tokens: int = 0
+    error: str = ""
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, max_tokens: int, prompt: str, headers: dict,
+                      result: Result | None = None) -> Result:
+    """One streaming chat completion, filling `result` as it goes: its first and last content chunk, how many came."""
+    result = result or Result(time.perf_counter())
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.7, "ignore_eos": True}
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    result.error = event["error"].get("message", "error")
+                    return result
+                if event["choices"] and event["choices"][0]["delta"].get("content"):
+                    result.tokens += 1
+                    result.first_token = result.first_token or time.perf_counter()
+        result.finished = time.perf_counter()
+    except httpx.HTTPError as exc:
+        result.error = type(exc).__name__
+    return result
+
+
+async def _closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers) -> tuple[list[Result], float]:
+    deadline = time.perf_counter() + seconds
+    results: list[Result] = []
+
+    async def client_loop(client):
+        while time.perf_counter() < deadline:
+            result = Result(time.perf_counter())
+            results.append(result)
+            try:
+                await asyncio.wait_for(one_request(client, url, model, max_tokens, prompt, headers, result), deadline - result.started)
+            except asyncio.TimeoutError:  # the client hangs up at the deadline: the server should free the slot
+                result.error = CUT
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return results, time.perf_counter() - started
+
+
+def summarize(results: list[Result], window: float, **labels) -> dict:
+    """One table row: throughput over the window, latencies (p50/p99, in ms) over the finished requests."""
+    done = [r for r in results if r.finished is not None and not r.error]
+    failed = [r for r in results if r.error and r.error != CUT]
+
+    def pct(values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+    ttft = [r.first_token - r.started for r in done if r.first_token]
+    tpot = [(r.finished - r.first_token) / (r.tokens - 1) for r in done if r.first_token and r.tokens > 1]
+    e2e = [r.finished - r.started for r in done]
+    tokens = sum(r.tokens for r in results)
+    return {**labels, "requests done": len(done), "failed": len(failed), "why failed": "; ".join(sorted({r.error for r in failed})),
+            "output tok/s": tokens / window,
+            "TTFT p50 ms": pct(ttft, 0.5), "TTFT p99 ms": pct(ttft, 0.99), "TPOT p50 ms": pct(tpot, 0.5),
+            "TPOT p99 ms": pct(tpot, 0.99), "e2e p50 ms": pct(e2e, 0.5), "e2e p99 ms": pct(e2e, 0.99)}
+
+
+def closed_loop(url: str, model: str, concurrency: int, seconds: float = 10, max_tokens: int = 32,
+                prompt: str = DEFAULT_PROMPT, api_key: str | None = None, **labels) -> dict:
+    """`concurrency` clients, each sending its next request when the last one is answered, for `seconds`."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results, window = asyncio.run(_closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers))
+    return summarize(results, window, clients=concurrency, **labels)
+
+
+async def _poisson(url, model, rate, seconds, max_tokens, prompt, headers, seed) -> tuple[list[Result], float]:
+    rng = random.Random(seed)
+    deadline = time.perf_counter() + seconds
+    results: list[Result] = []
+    tasks = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=httpx.Limits(max_connections=256)) as client:
+        started = time.perf_counter()
+        while True:
+            await asyncio.sleep(rng.expovariate(rate))
+            if time.perf_counter() >= deadline:
+                break
+            results.append(Result(time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one_request(client, url, model, max_tokens, prompt, headers, results[-1])))
+        if tasks:  # requests that arrived in the window may finish after it: wait for them, up to as long again
+            await asyncio.wait(tasks, timeout=seconds)
+        for task, result in zip(tasks, results):
+            if not task.done():
+                task.cancel()
+                result.error = CUT
+        window = time.perf_counter() - started
+    return results, window
+
+
+def poisson(url: str, model: str, rate: float, seconds: float = 10, max_tokens: int = 32, prompt: str = DEFAULT_PROMPT,
+            api_key: str | None = None, seed: int = 0, **labels) -> dict:
+    """Requests arriving at random (exponential gaps, `rate` per second on average) for `seconds`, each streamed."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    results, window = asyncio.run(_poisson(url, model, rate, seconds, max_tokens, prompt, headers, seed))
+    return summarize(results, window, rate=rate, **labels)

@@ -1,0 +1,95 @@
+"""Continuous batching gives each request exactly what it would get alone (llmnb.generate, batch 1, its own KV cache)."""
+import torch
+
+from llmnb.generate import generate
+from llmnb.model import GPT, GPTConfig
+from llmnb.serve.scheduler import QueueFull, Sampling, Scheduler, Sequence
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval()
+
+
+def alone(model, prompt, n, **options):
+    out = generate(model, torch.tensor([prompt]), n, **options)
+    return out[0, len(prompt):].tolist()
+
+
+def submit(scheduler, prompt, sampling):
+    seq = Sequence(prompt, sampling, emit=lambda token: seq.events.append(token))
+    seq.events = []
+    scheduler.submit(seq)
+    return seq
+
+
+def run_until_idle(scheduler):
+    while scheduler.running or scheduler.waiting:
+        scheduler.step()
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_requests_joining_and_leaving_get_what_they_would_alone(model, max_batch):
+    s = Scheduler(model, max_batch=max_batch, context=64)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 8, 7, 6, 5]]
+    lengths = [12, 5, 1, 7]  # rows finish at different steps (one at its first token): the last row moves into a freed one
+    seqs = [submit(s, prompts[0], Sampling(lengths[0], temperature=0))]
+    for _ in range(3):  # the first request runs alone for a while; the others join mid-flight
+        s.step()
+    seqs += [submit(s, p, Sampling(n, temperature=0)) for p, n in zip(prompts[1:], lengths[1:])]
+    run_until_idle(s)
+    for prompt, n, seq in zip(prompts, lengths, seqs):
+        assert seq.tokens == alone(model, prompt, n, temperature=0)
+        assert seq.events[-1].finish == "length" and len(seq.events) == n
+
+
+def test_logprobs_and_seeded_sampling_match_generate(model):
+    s = Scheduler(model, max_batch=4, context=64)
+    greedy = submit(s, [3, 1, 4, 1, 5], Sampling(6, temperature=0, top_logprobs=3))
+    sampled = submit(s, [2, 7, 1, 8], Sampling(6, temperature=0.9, top_p=0.95, seed=11))
+    run_until_idle(s)
+    expected, logprobs = generate(model, torch.tensor([[3, 1, 4, 1, 5]]), 6, temperature=0, return_logprobs=True)
+    assert torch.allclose(torch.tensor([t.logprob for t in greedy.events]), logprobs[0], atol=1e-5)
+    assert all(t.top[0][0] == t.id and len(t.top) == 3 for t in greedy.events)  # greedy: the best alternative is the choice
+    assert sampled.tokens == alone(model, [2, 7, 1, 8], 6, temperature=0.9, top_p=0.95, seed=11)
+
+
+def test_stop_tokens_cancellation_and_limits(model):
+    first = alone(model, [10, 11, 12], 3, temperature=0)
+    s = Scheduler(model, max_batch=2, context=16, max_waiting=2)
+    stopped = submit(s, [10, 11, 12], Sampling(10, temperature=0, stop_ids=frozenset({first[2]})))
+    cancelled = submit(s, [1, 2], Sampling(10, temperature=0))
+    s.step()
+    s.cancel(cancelled)
+    run_until_idle(s)
+    assert stopped.tokens == first and stopped.events[-1].finish == "stop"
+    assert cancelled.events[-1].finish == "cancelled" and len(cancelled.tokens) == 2  # freed at the next step
+    assert s.running == [] and int(s.cache.lengths.sum()) >= 0
+    with pytest.raises(ValueError, match="exceeds the context of 16 by 2"):
+        submit(s, list(range(10)), Sampling(8))
+    submit(s, [1], Sampling(2))
+    submit(s, [1], Sampling(2))
+    with pytest.raises(QueueFull):
+        submit(s, [1], Sampling(2))
+
+
+def test_background_thread_serves_and_stops(model):
+    s = Scheduler(model, max_batch=4, context=64).start()
+    seqs = [submit(s, [i + 1, i + 2], Sampling(5, temperature=0)) for i in range(6)]
+    s.stop()  # finishes what was submitted first
+    assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
+
+
+def test_decoding_layout_computes_what_the_model_does(model):
+    import copy
+
+    from llmnb.serve.scheduler import DecodeLinear, layout_for_decoding
+
+    laid_out = layout_for_decoding(copy.deepcopy(model))
+    assert sum(isinstance(m, DecodeLinear) for m in laid_out.modules()) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
+    x = torch.randint(0, 97, (3, 9))
+    assert torch.allclose(laid_out(x)[0], model(x)[0], atol=1e-5)
+    assert alone(laid_out, [4, 5, 6], 8, temperature=0) == alone(model, [4, 5, 6], 8, temperature=0)
