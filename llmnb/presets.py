@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "06": dict(base_model="smollm2-tiny-random", pretrained_steps=20, eval_windows=2, window=64, n_task=8, gen_tokens=4, gguf_types=["F16", "Q4_0"],
                    agreement_tokens=8, storage_context=512),
         "07": dict(base_model="smollm2-tiny-random", max_batch=8, context=256, demo_requests=6, demo_tokens=8, load_clients=[1, 4],
-                   load_rates=[4.0], load_seconds=2.0, load_tokens=12, answer_tokens=12),
+                   load_rates=[4.0], load_seconds=1.0, load_tokens=12, answer_tokens=12),
     },
     "cpu": {
         "00": dict(
@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=300, eval_windows=6, window=256, n_task=40, gen_tokens=12,
                    gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=24, storage_context=4096),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=16, context=512, demo_requests=8, demo_tokens=24, load_clients=[1, 4, 16],
-                   load_rates=[1.0], load_seconds=10.0, load_tokens=32, answer_tokens=48),
+                   load_rates=[1.0], load_seconds=6.0, load_tokens=32, answer_tokens=40),
     },
     "gpu": {
         "00": dict(

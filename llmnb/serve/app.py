@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import secrets
 import threading
 import time
@@ -23,10 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .moderation import Batched, make_filter
+from .moderation import Batched
 from .schemas import ChatRequest, CompletionRequest
 from .scheduler import QueueFull, Sampling, Scheduler, Sequence, Token, layout_for_decoding
 
+# Each judgement is a classifier call (~8 ms on 2 cores, competing with decoding for the cores): a reply is judged
+# every few words, or at the end of a sentence, rather than after each token.
+WORDS_PER_JUDGEMENT = 6
 PUBLIC_PATHS = ("/health", "/", "/favicon.ico")  # the page holds no data; it asks for the key and sends it with each call
 
 
@@ -88,13 +93,14 @@ class Served:
             self.chat_template = bool(getattr(tokenizer, "chat_template", None))
             eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
             self.stop_ids = frozenset(i for i in eos if i is not None)
-            check = make_filter(self.config.moderation, self.config.moderation_threshold)
-            self.filter = Batched(check) if check is not None else None
+            self.filter = Batched.process(self.config.moderation, self.config.moderation_threshold)
             self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
                                        self.config.max_waiting, self.metrics).start()
             self.ready.set()
-        except Exception as exc:  # /health reports it; the process stays up so that the reason can be read
+        except Exception as exc:  # a server that cannot serve says why and exits, rather than answering 503 forever
             self.load_error = f"{type(exc).__name__}: {exc}"
+            print(f"llmnb serve: cannot serve {self.config.model}: {self.load_error}", file=sys.stderr, flush=True)
+            os._exit(2)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
@@ -111,7 +117,7 @@ class Served:
 
 class ReplyText:
     """One choice's text as it grows: holds back what may still turn out to be a stop string, an unfinished
-    UTF-8 character, or (with a safety filter) an unfinished word, and blocks what the filter flags."""
+    UTF-8 character, or (with a safety filter) words not judged yet, and blocks what the filter flags."""
 
     def __init__(self, served: Served, stops: list[str]):
         self.served, self.stops = served, stops or []
@@ -148,8 +154,12 @@ class ReplyText:
                 if text[end - k:end] == stop[:k]:
                     end -= k
                     break
-        if self.served.filter is not None:  # the filter judges whole words
-            end = min(end, max(text.rfind(" ", 0, end), text.rfind("\n", 0, end)) + 1)
+        if self.served.filter is not None:  # the filter judges whole words, a phrase or a sentence at a time
+            boundary = max(text.rfind(" ", 0, end), text.rfind("\n", 0, end)) + 1
+            pending = text[self.sent:boundary]
+            if len(pending.split()) < WORDS_PER_JUDGEMENT and not any(mark in pending for mark in ".!?\n"):
+                boundary = self.sent
+            end = min(end, boundary)
         return max(end, self.sent)
 
 
@@ -219,6 +229,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield
         if served.ready.is_set():  # uvicorn has drained the requests in flight; let the scheduler finish too
             await asyncio.to_thread(served.scheduler.stop)
+            if served.filter is not None:
+                served.filter.close()
 
     app = FastAPI(title="llmnb", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.served = served

@@ -6,8 +6,9 @@
 Every request asks for exactly `max_tokens` (`ignore_eos`, which vLLM and llama.cpp accept too),
 so that each server does the same work. A request still running when the time is up is
 cancelled (the client hangs up) and counts only the tokens it received in time.
-Time to first token (TTFT), time per output token after the first (TPOT) and end-to-end
-latency are taken over the requests that finished; output tokens/s over the window.
+Time to first token (TTFT) and time per output token after the first (TPOT) are taken over every
+request that received tokens, end-to-end latency over those that finished; output tokens/s over
+the window.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ DEFAULT_PROMPT = "Write a short story about a lighthouse keeper who finds a mess
 class Result:
     started: float
     first_token: float | None = None
+    last_token: float | None = None
     finished: float | None = None
     tokens: int = 0
     error: str = ""
@@ -37,7 +39,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     """One streaming chat completion, filling `result` as it goes: its first and last content chunk, how many came."""
     result = result or Result(time.perf_counter())
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.7, "ignore_eos": True}
+            "temperature": 0.7, "ignore_eos": True, "stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -50,9 +52,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
                 if "error" in event:
                     result.error = event["error"].get("message", "error")
                     return result
+                if event.get("usage"):  # the last event: the true count (one event may carry several tokens)
+                    result.tokens = event["usage"]["completion_tokens"]
                 if event["choices"] and event["choices"][0]["delta"].get("content"):
                     result.tokens += 1
-                    result.first_token = result.first_token or time.perf_counter()
+                    result.last_token = time.perf_counter()
+                    result.first_token = result.first_token or result.last_token
         result.finished = time.perf_counter()
     except httpx.HTTPError as exc:
         result.error = type(exc).__name__
@@ -72,10 +77,40 @@ async def _closed_loop(url, model, concurrency, seconds, max_tokens, prompt, hea
             except asyncio.TimeoutError:  # the client hangs up at the deadline: the server should free the slot
                 result.error = CUT
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=_limits(concurrency + 4)) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
     return results, time.perf_counter() - started
+
+
+def _limits(connections: int) -> httpx.Limits:
+    # A new connection per request: llama.cpp's server closes kept-alive connections now and then just as a client
+    # reuses one ("Server disconnected without sending a response"), which would count as its failure.
+    return httpx.Limits(max_connections=connections, max_keepalive_connections=0)
+
+
+def _run(coroutine):
+    """asyncio.run, also from inside a running event loop (Jupyter's): then in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def warm_up(url: str, model: str, concurrency: int, max_tokens: int = 8, api_key: str | None = None) -> None:
+    """A few requests before measuring: a fresh server's first steps at each batch size run slower (allocation, kernel choice)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120, limits=_limits(concurrency + 1)) as client:
+            for clients in sorted({1, concurrency}):
+                await asyncio.gather(*(one_request(client, url, model, max_tokens, DEFAULT_PROMPT, headers) for _ in range(clients)))
+
+    _run(both())
 
 
 def summarize(results: list[Result], window: float, **labels) -> dict:
@@ -89,8 +124,9 @@ def summarize(results: list[Result], window: float, **labels) -> dict:
         values = sorted(values)
         return values[min(len(values) - 1, int(q * len(values)))] * 1000
 
-    ttft = [r.first_token - r.started for r in done if r.first_token]
-    tpot = [(r.finished - r.first_token) / (r.tokens - 1) for r in done if r.first_token and r.tokens > 1]
+    answered = [r for r in results if r.first_token and r not in failed]  # cut at the deadline too: their tokens came
+    ttft = [r.first_token - r.started for r in answered]
+    tpot = [(r.last_token - r.first_token) / (r.tokens - 1) for r in answered if r.tokens > 1]
     e2e = [r.finished - r.started for r in done]
     tokens = sum(r.tokens for r in results)
     return {**labels, "requests done": len(done), "failed": len(failed), "why failed": "; ".join(sorted({r.error for r in failed})),
@@ -103,7 +139,7 @@ def closed_loop(url: str, model: str, concurrency: int, seconds: float = 10, max
                 prompt: str = DEFAULT_PROMPT, api_key: str | None = None, **labels) -> dict:
     """`concurrency` clients, each sending its next request when the last one is answered, for `seconds`."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results, window = asyncio.run(_closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers))
+    results, window = _run(_closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers))
     return summarize(results, window, clients=concurrency, **labels)
 
 
@@ -112,7 +148,7 @@ async def _poisson(url, model, rate, seconds, max_tokens, prompt, headers, seed)
     deadline = time.perf_counter() + seconds
     results: list[Result] = []
     tasks = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=httpx.Limits(max_connections=256)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(seconds + 60), limits=_limits(256)) as client:
         started = time.perf_counter()
         while True:
             await asyncio.sleep(rng.expovariate(rate))
@@ -134,5 +170,5 @@ def poisson(url: str, model: str, rate: float, seconds: float = 10, max_tokens: 
             api_key: str | None = None, seed: int = 0, **labels) -> dict:
     """Requests arriving at random (exponential gaps, `rate` per second on average) for `seconds`, each streamed."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results, window = asyncio.run(_poisson(url, model, rate, seconds, max_tokens, prompt, headers, seed))
+    results, window = _run(_poisson(url, model, rate, seconds, max_tokens, prompt, headers, seed))
     return summarize(results, window, rate=rate, **labels)
