@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=300, eval_windows=6, window=256, n_task=40, gen_tokens=12,
                    gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=24, storage_context=4096),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=16, context=512, demo_requests=8, demo_tokens=24, load_clients=[1, 4, 16],
-                   load_rates=[1.0], load_seconds=6.0, load_tokens=32, answer_tokens=40),
+                   load_rates=[1.0], load_seconds=5.0, load_tokens=32, answer_tokens=40),
     },
     "gpu": {
         "00": dict(

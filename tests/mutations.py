@@ -37,6 +37,7 @@ T = "tests/test_train.py::"
 A = "tests/test_align.py::"
 Q = "tests/test_quantize.py::"
 G = "tests/test_gguf.py::"
+S = "tests/test_serve_scheduler.py::"
 MUTATIONS = [
     Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss / config.grad_accum).backward()",
              "scaler.scale(loss * world_size() / config.grad_accum).backward()", (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
@@ -126,6 +127,17 @@ MUTATIONS = [
              '_permute(sd[p + "attn.k_proj.weight"], c.n_head)', (G + "test_transformers_reads_our_files_back_with_the_logits_of_the_weights_they_store",)),
     Mutation("GGUF: special tokens typed as normal text", "llmnb/gguf.py", '"types": [3 if i in special else 1 for i in range(len(tokens))]',
              '"types": [1 for i in range(len(tokens))]', (G + "test_the_vocabulary_we_write_for_smollm2_equals_the_one_llama_cpps_converter_wrote",)),
+    Mutation("every cache row attends to the longest row's positions", "llmnb/serve/scheduler.py",
+             "self.attention_mask = (columns[None, :] <= self.positions[:, None]).long()",
+             "self.attention_mask = torch.ones(n, self.length + 1, dtype=torch.long)", (S + "test_requests_joining_and_leaving_get_what_they_would_alone",)),
+    Mutation("a finished request's row not handed to the last one", "llmnb/serve/scheduler.py", "            self.cache.move(last, row)", "            pass",
+             (S + "test_requests_joining_and_leaving_get_what_they_would_alone",)),
+    Mutation("prefill reads the padding's logits", "llmnb/serve/scheduler.py", "last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=device)",
+             "last = torch.full((len(seqs),), longest - 1, device=device)", (S + "test_requests_joining_and_leaving_get_what_they_would_alone",)),
+    Mutation("a stop string's first characters sent before it is recognised", "llmnb/serve/app.py", "            for k in range(min(len(stop) - 1, end), 0, -1):",
+             "            for k in range(0):", ("tests/test_serve_moderation.py::test_a_stop_string_split_across_tokens_is_never_released",)),
+    Mutation("sampling draws from the wrong end of the distribution", "llmnb/generate.py", "u = 1.0 - torch.rand(", "u = 0.0 + torch.rand(",
+             ("tests/test_generate.py::test_sampling_draws_tokens_at_their_probabilities",)),
 ]
 
 

@@ -207,7 +207,7 @@ def test_64_streaming_clients_a_third_hanging_up(server):
 def test_a_full_queue_answers_429_with_retry_after(server):
     async def burst():
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=120, limits=httpx.Limits(max_connections=100)) as http:
-            body = {"model": TINY_CHAT, "prompt": "Hi", "max_tokens": 40, "ignore_eos": True}
+            body = {"model": TINY_CHAT, "prompt": "Hi", "max_tokens": 24, "ignore_eos": True}
             return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(100)))
 
     replies = asyncio.run(burst())

@@ -81,6 +81,7 @@ class Served:
         try:
             from ..checkpoint import load
 
+            filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
             model, tokenizer = load(self.config.model)
             if self.config.adapter:
                 from ..lora import load_adapter, merge_and_unload
@@ -93,7 +94,7 @@ class Served:
             self.chat_template = bool(getattr(tokenizer, "chat_template", None))
             eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
             self.stop_ids = frozenset(i for i in eos if i is not None)
-            self.filter = Batched.process(self.config.moderation, self.config.moderation_threshold)
+            self.filter = filter_loaded()
             self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
                                        self.config.max_waiting, self.metrics).start()
             self.ready.set()

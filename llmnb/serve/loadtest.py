@@ -29,6 +29,7 @@ class Result:
     started: float
     first_token: float | None = None
     last_token: float | None = None
+    first_event_tokens: int = 0  # a server that releases text a phrase at a time sends several tokens in one event
     finished: float | None = None
     tokens: int = 0
     error: str = ""
@@ -39,7 +40,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     """One streaming chat completion, filling `result` as it goes: its first and last content chunk, how many came."""
     result = result or Result(time.perf_counter())
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.7, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "temperature": 0.7, "ignore_eos": True, "stream_options": {"include_usage": True},
+            "logprobs": True}  # one entry per token in each event: exact counts even for a stream cut short
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
@@ -52,12 +54,14 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
                 if "error" in event:
                     result.error = event["error"].get("message", "error")
                     return result
-                if event.get("usage"):  # the last event: the true count (one event may carry several tokens)
+                if event.get("usage"):  # the last event: the server's own count
                     result.tokens = event["usage"]["completion_tokens"]
-                if event["choices"] and event["choices"][0]["delta"].get("content"):
-                    result.tokens += 1
+                choice = event["choices"][0] if event["choices"] else {}
+                if choice.get("delta", {}).get("content"):
+                    result.tokens += len((choice.get("logprobs") or {}).get("content") or [None])
                     result.last_token = time.perf_counter()
-                    result.first_token = result.first_token or result.last_token
+                    if result.first_token is None:
+                        result.first_token, result.first_event_tokens = result.last_token, result.tokens
         result.finished = time.perf_counter()
     except httpx.HTTPError as exc:
         result.error = type(exc).__name__
@@ -126,7 +130,7 @@ def summarize(results: list[Result], window: float, **labels) -> dict:
 
     answered = [r for r in results if r.first_token and r not in failed]  # cut at the deadline too: their tokens came
     ttft = [r.first_token - r.started for r in answered]
-    tpot = [(r.last_token - r.first_token) / (r.tokens - 1) for r in answered if r.tokens > 1]
+    tpot = [(r.last_token - r.first_token) / (r.tokens - r.first_event_tokens) for r in answered if r.tokens > r.first_event_tokens]
     e2e = [r.finished - r.started for r in done]
     tokens = sum(r.tokens for r in results)
     return {**labels, "requests done": len(done), "failed": len(failed), "why failed": "; ".join(sorted({r.error for r in failed})),

@@ -77,7 +77,7 @@ class Batched:
 
     A classifier call costs ~8 ms whether it judges one text or sixteen (alt-profanity-check on 2
     cores): judged one reply at a time, sixteen streams would spend more time in the filter than
-    in the model. The server runs the filter in a process of its own (`Batched.process`): in the
+    in the model. The server runs the filter in a process of its own (`Batched.start`): in the
     decoding process its Python holds the interpreter lock that PyTorch takes back between every
     operation, and a decoding step with the classifier running beside it went from 0.15 s to
     minutes (measured here).
@@ -89,17 +89,18 @@ class Batched:
         self._pending: list[tuple[str, asyncio.Future]] = []
 
     @classmethod
-    def process(cls, spec: str, threshold: float | None = None) -> Batched | None:
-        """The filter `make_filter(spec, threshold)` in a worker process (None for 'none'), loaded before this returns."""
+    def start(cls, spec: str, threshold: float | None = None) -> Callable[[], Batched | None]:
+        """Start the filter `make_filter(spec, threshold)` in a worker process; returns a function that waits until it
+        is loaded and gives the Batched filter (None for 'none'). The server loads its model meanwhile."""
         if spec == "none":
-            return None
+            return lambda: None
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(spec, threshold))
-        name, limit = pool.submit(_worker_info).result()  # raises here when the filter cannot be made
-        return cls(_Described(name, limit), pool)
+        info = pool.submit(_worker_info)
+        return lambda: cls(_Described(*info.result()), pool)  # raises there when the filter cannot be made
 
     def close(self) -> None:
         if self.pool is not None:

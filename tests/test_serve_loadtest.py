@@ -1,0 +1,19 @@
+"""The load-test summary: throughput over the window, percentiles over what was answered, cut requests apart from failures."""
+import math
+
+from llmnb.serve.loadtest import CUT, Result, summarize
+
+
+def test_summary_counts_tokens_and_takes_percentiles_over_what_was_answered():
+    results = [Result(0.0, first_token=0.1, last_token=1.0, finished=1.0, tokens=10, first_event_tokens=1),
+               Result(0.0, first_token=0.3, last_token=2.1, finished=2.1, tokens=10, first_event_tokens=1),
+               Result(1.0, first_token=1.2, last_token=1.6, tokens=3, error=CUT, first_event_tokens=1),       # cut at the deadline: its tokens count
+               Result(1.5, tokens=0, error="HTTP 500"),                                   # a failure
+               Result(0.0, first_token=0.5, last_token=1.5, finished=1.5, tokens=9, first_event_tokens=5)]  # phrase-sized events
+    row = summarize(results, window=4.0, server="x")
+    assert row["server"] == "x" and row["requests done"] == 3 and row["failed"] == 1 and row["why failed"] == "HTTP 500"
+    assert row["output tok/s"] == (10 + 10 + 3 + 0 + 9) / 4.0
+    assert math.isclose(row["TTFT p50 ms"], 300) and math.isclose(row["TTFT p99 ms"], 500)  # 4 answered: 0.1, 0.2, 0.3, 0.5 s
+    # per token after the first event: 0.1, 0.2, 0.2 (cut: 0.4 s / 2), 0.25 (1.0 s over the 4 tokens after a 5-token event)
+    assert math.isclose(row["TPOT p50 ms"], 200) and math.isclose(row["TPOT p99 ms"], 250)
+    assert math.isclose(row["e2e p50 ms"], 1500) and math.isclose(row["e2e p99 ms"], 2100)
