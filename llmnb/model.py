@@ -281,7 +281,8 @@ class GPT(nn.Module):
         only on the positions that have a target and `logits` is None: with a 49k vocabulary
         the head is a third of a small model's compute, and a chat prompt is most of a row.
         `attention_mask` (batch, past + time; 1 = token, 0 = padding) supports left-padded
-        batches; `cache` continues from the tokens it holds.
+        batches, and a ready boolean mask (batch, 1, time, past + time) is used as given (rows of
+        unequal lengths in one cache: llmnb.serve's scheduler); `cache` continues from the tokens it holds.
         """
         hidden = self.hidden_states(idx, attention_mask=attention_mask, position_ids=position_ids, cache=cache)  # (B, T, C)
         if targets is None:
@@ -313,7 +314,10 @@ class GPT(nn.Module):
             x = x + self.wpe(position_ids)
         else:
             rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype), self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
-        mask = None if attention_mask is None else self._mask(attention_mask, past, t)
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready mask (batch, 1, t, past + t): rows of unequal lengths
+            mask = attention_mask.bool()
+        else:
+            mask = None if attention_mask is None else self._mask(attention_mask, past, t)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:

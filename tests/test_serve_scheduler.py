@@ -42,8 +42,11 @@ def test_requests_joining_and_leaving_get_what_they_would_alone(model, max_batch
     seqs += [submit(s, p, Sampling(n, temperature=0)) for p, n in zip(prompts[1:], lengths[1:])]
     run_until_idle(s)
     for prompt, n, seq in zip(prompts, lengths, seqs):
-        assert seq.tokens == alone(model, prompt, n, temperature=0)
+        tokens, logprobs = generate(model, torch.tensor([prompt]), n, temperature=0, return_logprobs=True)
+        assert seq.tokens == tokens[0, len(prompt):].tolist()
         assert seq.events[-1].finish == "length" and len(seq.events) == n
+        # the same numbers, not only the same choices: a row that saw another row's positions would differ here
+        assert torch.allclose(torch.tensor([t.logprob for t in seq.events]), logprobs[0], atol=1e-5)
 
 
 def test_logprobs_and_seeded_sampling_match_generate(model):
@@ -93,3 +96,26 @@ def test_decoding_layout_computes_what_the_model_does(model):
     x = torch.randint(0, 97, (3, 9))
     assert torch.allclose(laid_out(x)[0], model(x)[0], atol=1e-5)
     assert alone(laid_out, [4, 5, 6], 8, temperature=0) == alone(model, [4, 5, 6], 8, temperature=0)
+
+
+def test_a_served_adapter_is_merged_onto_its_base(tmp_path):
+    """`llmnb serve BASE --adapter DIR`: the served model computes what the base with that adapter computes."""
+    from llmnb import lora
+    from llmnb.checkpoint import TINY_CHAT, load, prepare_tiny_chat
+    from llmnb.serve.app import Served, ServeConfig
+
+    base_dir = prepare_tiny_chat()
+    tuned, _ = load(base_dir)
+    lora.attach(tuned, ["q_proj", "v_proj"], r=4, alpha=8)
+    for layer in lora.adapters(tuned).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.5)  # a trained adapter: B is not zero
+    lora.save_adapter(tuned, tmp_path / "adapter", base_model=TINY_CHAT)
+    served = Served(ServeConfig(str(base_dir), adapter=str(tmp_path / "adapter"), moderation="none"))
+    served.load()
+    try:
+        x = torch.randint(0, 1000, (2, 12))
+        with torch.no_grad():
+            assert torch.allclose(served.model(x)[0], tuned(x)[0], atol=1e-4)
+            assert not torch.allclose(served.model(x)[0], load(base_dir)[0](x)[0], atol=1e-2)  # the adapter changed something
+    finally:
+        served.scheduler.stop()

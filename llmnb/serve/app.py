@@ -78,26 +78,30 @@ class Served:
         self.metrics = Metrics()
 
     def load(self) -> None:
+        """Load the model (merging an adapter), start the filter and the scheduler; then /health says ok."""
+        from ..checkpoint import load
+
+        filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
+        model, tokenizer = load(self.config.model)
+        if self.config.adapter:
+            from ..lora import load_adapter, merge_and_unload
+
+            load_adapter(model, self.config.adapter, expect_base=self.config.model)
+            model = merge_and_unload(model)  # serve at the base model's speed
+        model = layout_for_decoding(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.hf = hasattr(tokenizer, "apply_chat_template")
+        self.chat_template = bool(getattr(tokenizer, "chat_template", None))
+        eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
+        self.stop_ids = frozenset(i for i in eos if i is not None)
+        self.filter = filter_loaded()
+        self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
+                                   self.config.max_waiting, self.metrics).start()
+        self.ready.set()
+
+    def load_or_exit(self) -> None:
         try:
-            from ..checkpoint import load
-
-            filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
-            model, tokenizer = load(self.config.model)
-            if self.config.adapter:
-                from ..lora import load_adapter, merge_and_unload
-
-                load_adapter(model, self.config.adapter, expect_base=self.config.model)
-                model = merge_and_unload(model)  # serve at the base model's speed
-            model = layout_for_decoding(model)
-            self.model, self.tokenizer = model, tokenizer
-            self.hf = hasattr(tokenizer, "apply_chat_template")
-            self.chat_template = bool(getattr(tokenizer, "chat_template", None))
-            eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
-            self.stop_ids = frozenset(i for i in eos if i is not None)
-            self.filter = filter_loaded()
-            self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
-                                       self.config.max_waiting, self.metrics).start()
-            self.ready.set()
+            self.load()
         except Exception as exc:  # a server that cannot serve says why and exits, rather than answering 503 forever
             self.load_error = f"{type(exc).__name__}: {exc}"
             print(f"llmnb serve: cannot serve {self.config.model}: {self.load_error}", file=sys.stderr, flush=True)
@@ -226,7 +230,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     served = Served(config)
 
     async def lifespan(app: FastAPI):
-        threading.Thread(target=served.load, name="llmnb-load", daemon=True).start()
+        threading.Thread(target=served.load_or_exit, name="llmnb-load", daemon=True).start()
         yield
         if served.ready.is_set():  # uvicorn has drained the requests in flight; let the scheduler finish too
             await asyncio.to_thread(served.scheduler.stop)

@@ -113,7 +113,9 @@ class _RowsStep:
         self.positions = cache.lengths[:n].clone()  # (n,) where each row's new token goes
         self.length = int(self.positions.max())  # "past" as the model sees it: the longest row
         columns = torch.arange(self.length + 1, device=self.positions.device)
-        self.attention_mask = (columns[None, :] <= self.positions[:, None]).long()  # (n, length + 1)
+        # (n, 1, 1, length + 1), given to the model as it is: its own padding mask assumes every row's new token sits
+        # in the last column (left padding), here only the longest row's does
+        self.attention_mask = (columns[None, :] <= self.positions[:, None])[:, None, None, :]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(self.n, device=k.device)
