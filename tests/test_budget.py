@@ -151,7 +151,9 @@ def test_a_lora_step_is_measured_smaller_than_full_fine_tuning_and_near_its_esti
         setup = budget.Setup(method=method, batch=4, seq_len=64, precision="fp32", lora_rank=8, lora_targets=("q", "v"))
         measured[method] = budget.measure_training_memory(shape, setup, steps=2)["peak_bytes"]
         estimates[method] = budget.estimate_memory(shape, setup).total
-    assert measured["lora"] < 0.6 * measured["full_finetune"], measured  # no gradients or AdamW moments for the frozen weights
+    # no gradients or AdamW moments for the frozen weights: estimated 0.46x; measured 0.54-0.60x over four runs (peak
+    # resident memory moves with the allocator), and ~0.72x if the frozen weights' gradients were kept
+    assert measured["lora"] < 0.65 * measured["full_finetune"], measured
     for method in measured:
         assert 0.7 < measured[method] / estimates[method] < 1.6, (method, measured[method], estimates[method])
 
