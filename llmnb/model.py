@@ -131,6 +131,12 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """Losses are taken in fp32 when the model computes in bf16/fp16, and left in float64 when it computes in float64
+    (parity tests compare multi-step training in float64, where an fp32 loss would put its rounding back in)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rope_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's rotation angles, shape (length, head_dim)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
@@ -289,10 +295,10 @@ class GPT(nn.Module):
             return self.lm_head(hidden), None
         learned = targets != -100
         if not bool(learned.all()):
-            loss = F.cross_entropy(self.lm_head(hidden[learned]).float(), targets[learned])  # (N, vocab): learned positions only
+            loss = F.cross_entropy(_fp32_or_wider(self.lm_head(hidden[learned])), targets[learned])  # (N, vocab): learned positions only
             return None, loss
         logits = self.lm_head(hidden)
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, F.cross_entropy(_fp32_or_wider(logits).view(-1, logits.size(-1)), targets.reshape(-1))
 
     def hidden_states(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:

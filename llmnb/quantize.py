@@ -380,10 +380,36 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
-def reference_model(model: GPT, library: str) -> GPT:
+# bitsandbytes' 4-bit layers take one of two CPU paths at inference (eval mode, no gradients): on a processor with
+# AVX-512 BF16 they repack the weight once into a layout of row blocks of 32 and compute in bf16 with a fused kernel;
+# elsewhere (and in training) they dequantize to the compute dtype and call F.linear. The packed layout needs the layer's
+# inputs to be whole quantization blocks and its outputs whole row blocks: narrower layers crash in bitsandbytes 0.50
+# ("shape '[32, 0]' is invalid"), so they are kept on the generic path.
+BNB_BLOCK, BNB_PACKED_ROWS = 64, 32
+BNB_PATHS = {True: "packed bf16 kernel (AVX-512 BF16)", False: "dequantize, then fp32 matmul"}
+
+
+def bnb_packed_fits(in_features: int, out_features: int) -> bool:
+    """Whether bitsandbytes' packed CPU layout can hold a layer of this shape."""
+    return in_features % BNB_BLOCK == 0 and out_features % BNB_PACKED_ROWS == 0
+
+
+def bnb_cpu_paths(model: nn.Module) -> dict[str, int]:
+    """How many of a model's bitsandbytes 4-bit layers take each CPU inference path ({} if it has none)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            path = BNB_PATHS[bool(module.support_avx512bf16_for_cpu)]
+            counts[path] = counts.get(path, 0) + 1
+    return counts
+
+
+def reference_model(model: GPT, library: str, bnb_packed: bool | None = None) -> GPT:
     """A copy of `model` whose blocks' linear layers are a library's: "bnb-int8" (LLM.int8), "bnb-nf4", "bnb-fp4", "torchao-int8".
 
-    As `transformers` does with these libraries, the embedding and output head stay full precision.
+    As `transformers` does with these libraries, the embedding and output head stay full precision. `bnb_packed` picks
+    bitsandbytes' 4-bit CPU path: None lets it choose (packed where the processor and the layer's shape allow), False
+    forces the generic path on any processor, True insists on the packed one and says why it cannot be had.
     """
     import copy
 
@@ -407,14 +433,25 @@ def reference_model(model: GPT, library: str) -> GPT:
         elif library in ("bnb-nf4", "bnb-fp4"):
             kind = library.split("-")[1]
             layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None, quant_type=kind, compute_dtype=torch.float32)
-            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=kind, blocksize=64)
+            layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=kind, blocksize=BNB_BLOCK)
+            layer.support_avx512bf16_for_cpu = _bnb_packed(layer, f"blocks.{name}", bnb_packed)
         else:
             raise ValueError(f"unknown reference {library!r}: choose bnb-int8, bnb-nf4, bnb-fp4 or torchao-int8")
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(out.blocks.get_submodule(parent_name), child, layer.to("cpu"))  # .to() is where bitsandbytes quantizes
-    return out
+    return out.eval()  # the new layers too: bitsandbytes picks its 4-bit CPU path by the layer's mode
+
+
+def _bnb_packed(layer: nn.Module, name: str, wanted: bool | None) -> bool:
+    cpu_has_it = bool(layer.support_avx512bf16_for_cpu)  # bitsandbytes asks its native library about this processor
+    fits = bnb_packed_fits(layer.in_features, layer.out_features)
+    if wanted and not (cpu_has_it and fits):
+        why = "this processor has no AVX-512 BF16" if not cpu_has_it else \
+            f"{name} is {layer.in_features} -> {layer.out_features}: inputs must be a multiple of {BNB_BLOCK}, outputs of {BNB_PACKED_ROWS}"
+        raise ValueError(f"bitsandbytes' packed CPU path is not available: {why}; pass bnb_packed=None to let it choose")
+    return cpu_has_it and fits and wanted is not False
 
 
 @torch.no_grad()

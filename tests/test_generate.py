@@ -5,6 +5,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from llmnb import model as M
 from llmnb.generate import generate, generate_stream, sample
 
+@pytest.mark.cpu_paths
 def test_greedy_generation_matches_transformers_single_and_left_padded(pair):
     ours, hf = pair
     x = torch.randint(1, 320, (2, 8))

@@ -68,6 +68,7 @@ def smollm2_pair():
     return ours, theirs, tokenizer
 
 
+@pytest.mark.cpu_paths
 def test_logits_and_gradients_equal_peft_on_smollm2(smollm2_pair):
     ours, theirs, tokenizer = smollm2_pair
     ids = torch.tensor([tokenizer.encode("The capital of France is Paris, and the capital of Italy is Rome.")])
@@ -86,12 +87,17 @@ def test_logits_and_gradients_equal_peft_on_smollm2(smollm2_pair):
     assert lora.count_parameters(ours)["trainable"] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
 
+@pytest.mark.cpu_paths
 def test_a_few_optimizer_steps_leave_the_same_weights_as_peft():
+    """In float64 on both sides: AdamW divides by the root of the squared gradient, so a last-bit difference in a float32
+    sum (another processor's math library rounds otherwise) becomes a step-sized one after a few steps; in float64
+    that rounding sits ~9 orders of magnitude below the tolerance, on any CPU. alpha != r, so that a wrong scaling shows."""
     ours, hf = small_pair(3)
-    lora.attach(ours, "all-linear", r=4, alpha=4)
+    lora.attach(ours, "all-linear", r=4, alpha=8)
     randomize_b(ours)
-    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=4, target_modules=list(lora.ALL_LINEAR), lora_dropout=0.0))
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora.ALL_LINEAR), lora_dropout=0.0))
     copy_into_peft(ours, theirs)
+    ours.double(), theirs.double()
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     opt_theirs = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(5)
@@ -105,8 +111,9 @@ def test_a_few_optimizer_steps_leave_the_same_weights_as_peft():
     modules = dict(theirs.named_modules())
     for name, layer in lora.adapters(ours).items():
         target = modules[f"base_model.model.{lora._hf_module(ours.config, name)}"]
-        torch.testing.assert_close(layer.lora_A, target.lora_A["default"].weight, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(layer.lora_B, target.lora_B["default"].weight, atol=1e-5, rtol=1e-4)
+        assert layer.lora_A.dtype == torch.float64
+        torch.testing.assert_close(layer.lora_A, target.lora_A["default"].weight, atol=1e-10, rtol=0)
+        torch.testing.assert_close(layer.lora_B, target.lora_B["default"].weight, atol=1e-10, rtol=0)
 
 
 def test_adapter_files_load_both_ways_with_identical_logits(tmp_path):

@@ -6,6 +6,7 @@ from llmnb import model as M
 from llmnb.checkpoint import resolve_model
 from llmnb.generate import generate
 
+@pytest.mark.cpu_paths
 def test_logits_match_transformers(pair):
     ours, hf = pair
     x = torch.randint(0, 320, (3, 40))
@@ -84,6 +85,7 @@ def smollm2():
     return M.from_hf(hf), hf, AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.cpu_paths
 def test_smollm2_logits_and_chat_reply_match_transformers(smollm2):
     ours, hf, tokenizer = smollm2
     assert ours.config.n_kv_head == 3 and ours.config.rope_theta == 100000.0 and ours.config.tie_embeddings
@@ -121,6 +123,7 @@ def _tokenizer(vocab: int = 320):
     return bpe_as_hf(train_bpe(["to be or not to be, that is the question " * 40], vocab, special_tokens=[ENDOFTEXT]))
 
 
+@pytest.mark.cpu_paths
 def test_token_logprobs_equal_a_direct_computation_and_transformers(pair):
     ours, hf = pair
     torch.manual_seed(2)

@@ -41,6 +41,7 @@ def test_double_quantization_keeps_block_scales_within_an_int8_step_and_saves_a_
     assert bits_per_weight < 0.15 < 32 / 64  # vs 0.5 bits for fp32 scales of blocks of 64
 
 
+@pytest.mark.cpu_paths
 def test_int8_weights_equal_torchao_int8_weight_only_within_one_step():
     torchao = pytest.importorskip("torchao.quantization")
     torch.manual_seed(0)
@@ -77,6 +78,7 @@ def test_a_group_size_that_does_not_divide_the_layer_is_refused_naming_it_and_th
     assert isinstance(model.blocks[0].attn.q_proj, torch.nn.Linear), "nothing is replaced when one layer is refused"
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("scheme, tol", [("int8", 0.01), ("int8-dynamic", 0.02), ("int4", 0.01), ("nf4", 1e-5)])
 def test_each_layer_computes_with_the_weight_it_stores(scheme, tol):
     torch.manual_seed(0)
@@ -96,6 +98,7 @@ def tiny_llama():
     return GPT(GPTConfig.llama(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=True)).eval()
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("scheme", q.SCHEMES)
 def test_quantized_models_stay_close_to_full_precision_and_shrink(tiny_llama, scheme):
     ids = torch.randint(0, 256, (2, 24))
@@ -141,6 +144,7 @@ def test_quantizing_twice_or_with_adapters_is_refused(tiny_llama):
         q.quantize_model(copy.deepcopy(tiny_llama), "int3")
 
 
+@pytest.mark.cpu_paths
 def test_a_quantized_model_generates_with_the_kv_cache(tiny_llama):
     from llmnb.generate import generate
 
@@ -149,3 +153,48 @@ def test_a_quantized_model_generates_with_the_kv_cache(tiny_llama):
     cached = generate(model, ids, 6, temperature=0)
     uncached = generate(model, ids, 6, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def _has_avx512bf16() -> bool:
+    return bool(pytest.importorskip("bitsandbytes.functional").has_avx512bf16())
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["generic", "packed-bf16"])
+def test_bitsandbytes_nf4_layers_compute_their_own_dequantized_weight_on_each_cpu_path(packed):
+    """Each of bitsandbytes' two CPU inference paths against F.linear on the weight bitsandbytes itself dequantizes.
+    The generic path dequantizes and multiplies in fp32: equal to fp32 rounding. The packed path rounds activations and
+    block scales to bf16 (8 significant bits each), so its bound is derived from that: 2 x 2^-8 x (|x| @ |W|^T)."""
+    if packed and not _has_avx512bf16():
+        pytest.skip("this processor has no AVX-512 BF16: bitsandbytes' packed CPU path exists only on one that has it")
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.llama(vocab_size=96, block_size=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=64)).eval()
+    ref = q.reference_model(model, "bnb-nf4", bnb_packed=packed)
+    assert q.bnb_cpu_paths(ref) == {q.BNB_PATHS[packed]: 7}
+    x = torch.randn(5, 64)
+    for name, layer in q._quantizable(ref):
+        if layer.in_features != 64:
+            continue
+        w = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        expected = F.linear(x, w)
+        with torch.no_grad():
+            got = layer(x)
+        assert getattr(layer.weight.quant_state, "packing_format_for_cpu", False) == packed, name
+        bound = (2 * 2**-8 * (x.abs() @ w.abs().T) + 1e-5) if packed else 1e-5 * (1 + expected.abs())
+        assert ((got - expected).abs() <= bound).all(), f"{name}: worst {float((got - expected).abs().max()):.2e}"
+
+
+def test_bitsandbytes_keeps_layers_its_packed_layout_cannot_hold_on_the_generic_path():
+    """bitsandbytes 0.50 crashes when it packs a layer narrower than its 64-wide block (a 32-wide model on a CPU with
+    AVX-512 BF16): reference_model keeps such layers on the generic path, and says why when the packed one is asked for."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.llama(vocab_size=96, block_size=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    ref = q.reference_model(model, "bnb-nf4")
+    with torch.no_grad():
+        got = ref(torch.randint(0, 96, (2, 12)))[0]
+    assert torch.isfinite(got).all()
+    assert q.BNB_PATHS[False] in q.bnb_cpu_paths(ref)  # at least the 32-wide attention layers
+    assert not q.bnb_packed_fits(32, 32) and q.bnb_packed_fits(64, 32) and not q.bnb_packed_fits(64, 48)
+    reason = "blocks.0.attn.q_proj is 32 -> 32: inputs must be a multiple of 64" if _has_avx512bf16() else "this processor has no AVX-512 BF16"
+    with pytest.raises(ValueError, match=reason):
+        q.reference_model(model, "bnb-nf4", bnb_packed=True)

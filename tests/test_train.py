@@ -252,6 +252,7 @@ def test_a_config_file_trains_a_llama_model(data_dir, tmp_path):
     assert state["model_config"]["flavour"] == "llama" and state["model_config"]["n_kv_head"] == 1
 
 
+@pytest.mark.cpu_paths
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths_train_close_to_fp32(data_dir, tmp_path, precision):
     """CPU autocast runs the same code path as a GPU's (fp16 with the gradient scaler); the device run checks the speed."""
