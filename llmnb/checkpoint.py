@@ -26,7 +26,7 @@ import torch
 from .data import package_folder
 from .hub import is_offline
 from .model import GPT, GPTConfig, from_hf
-from .paths import outputs_dir, write_atomic
+from .paths import outputs_dir, shared_outputs_dir, write_atomic
 from .tokenizer import CharTokenizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -45,7 +45,7 @@ class ModelNotFound(RuntimeError):
 
 def prepare_smollm2(force: bool = False) -> Path:
     """The SmolLM2-135M-Instruct Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
-    target = outputs_dir("models") / SMOLLM2
+    target = shared_outputs_dir("models") / SMOLLM2
     if (target / "config.json").exists() and not force:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig

@@ -21,8 +21,30 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+SMOKE = "smoke"
+
+
 def outputs_dir(*parts: str) -> Path:
-    """`outputs/<parts>` (generated, git-ignored), created on first use."""
+    """`outputs/<parts>` (generated, git-ignored), created on first use.
+
+    While the smoke preset runs (`LLMNB_PRESET=smoke`: the tests, CI, `llmnb run --preset smoke`) everything goes to
+    `outputs/smoke/<parts>` instead, so that a test run never replaces a model that a cpu or gpu run left for the
+    next notebook (a 2-layer stand-in where notebook 05 expects notebook 04's SmolLM2).
+    """
+    path = outputs_root().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def outputs_root() -> Path:
+    """`outputs/`, or `outputs/smoke/` under the smoke preset."""
+    root = project_root() / "outputs"
+    return root / SMOKE if os.environ.get("LLMNB_PRESET") == SMOKE else root
+
+
+def shared_outputs_dir(*parts: str) -> Path:
+    """`outputs/<parts>` whatever the preset: for assets that are the same for every preset (SmolLM2 converted from its
+    GGUF file, tiktoken's cache), prepared once by `llmnb assets`."""
     path = project_root().joinpath("outputs", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -109,6 +109,8 @@ def configure(notebook: str, preset: str, **overrides: Any) -> SimpleNamespace:
     for key, value in given.items():
         _check_type(notebook, key, value, values[key])
     values.update(given)
+    if name == "smoke":  # a smoke notebook started by hand writes under outputs/smoke/ too (paths.outputs_dir)
+        os.environ["LLMNB_PRESET"] = name
     return SimpleNamespace(preset=name, **values)
 
 

@@ -132,6 +132,7 @@ def _first_line(notebook: Path, execution_count: int) -> str:
 def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | None = None, out: Path | None = None) -> tuple[list[NotebookResult], Path]:
     """Run the collection; return the results and the report's path. Stops at the first failure."""
     preset = resolve_preset(preset)
+    os.environ["LLMNB_PRESET"] = preset  # the kernels inherit it: a smoke run writes under outputs/smoke/ (paths.outputs_dir)
     out_dir = Path(out) if out else outputs_dir("runs", preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(only)

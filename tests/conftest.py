@@ -7,6 +7,38 @@ os.environ.setdefault("LLMNB_PRESET", "smoke")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from llmnb.paths import SMOKE, project_root  # noqa: E402
+
+
+def _outputs_of_other_presets() -> dict[str, tuple[int, int]]:
+    """(size, modification time) of every file under outputs/ but outputs/smoke/: what cpu and gpu runs left."""
+    root = project_root() / "outputs"
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and p.relative_to(root).parts[0] != SMOKE}
+
+
+OUTPUTS_BEFORE = pytest.StashKey[dict]()
+
+
+def pytest_sessionstart(session):
+    session.config.stash[OUTPUTS_BEFORE] = _outputs_of_other_presets()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """The whole run fails if it wrote, changed or removed anything a cpu or gpu run left in outputs/ (tests and smoke
+    notebooks write under outputs/smoke/): `make test` then `make run` or one notebook alone must see the real models."""
+    before, after = session.config.stash.get(OUTPUTS_BEFORE, None), _outputs_of_other_presets()
+    if before is None or before == after:
+        return
+    touched = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"the test run touched {len(touched)} file(s) outside outputs/smoke/: " + ", ".join(touched[:10])
+    if reporter:
+        reporter.ensure_newline()
+        reporter.write_line(f"FAILED (isolation): {message}", red=True, bold=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 # Small random models of each flavour, shared by the model and generation tests.
 MODEL_CONFIGS = {
     "gpt2": dict(flavour="gpt2", vocab_size=320, block_size=64, n_layer=2, n_head=4, n_embd=64),

@@ -44,7 +44,7 @@ def test_run_passes_parameters_records_metrics_and_stops_at_the_failing_cell(hom
     err = capsys.readouterr().err
     # papermill's injected-parameters cell is executed too, so the failing cell is [4]
     assert "01_fails failed at the cell [4] of" in err and "(`raise ValueError('broken on purpose')`)" in err
-    out = home / "outputs" / "runs" / "smoke"
+    out = home / "outputs" / "smoke" / "runs" / "smoke"
     report = (out / "report.md").read_text()
     assert "| [00_ok](00_ok.ipynb) | ok |" in report
     assert "| [01_fails](01_fails.ipynb) | failed |" in report
@@ -73,7 +73,7 @@ def test_unknown_or_mistyped_parameters_are_refused_before_any_notebook_runs(hom
     assert main(["run", "--preset", "smoke", "--only", "00", "-p", "bogus", "3"]) == 2
     err = capsys.readouterr().err
     assert "unknown parameter(s) ['bogus']" in err and "00_ok: steps" in err
-    assert not (home / "outputs" / "runs" / "smoke" / "00_ok.ipynb").exists(), "nothing ran"
+    assert not (home / "outputs" / "smoke" / "runs" / "smoke" / "00_ok.ipynb").exists(), "nothing ran"
 
 
 def test_a_parameter_of_the_wrong_type_names_the_expected_type():
