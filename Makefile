@@ -3,16 +3,29 @@
 #   make test  - the same set-up plus the test extras, then the whole test suite
 # Also: make lab (JupyterLab on the notebooks), make smoke (the CI-sized run), make clean.
 # TORCH_INDEX=<index url> installs torch from another index (a CPU-only or a CUDA build).
-PYTHON ?= python3
+# The interpreter: python3 when pyproject's requires-python accepts it, else the newest python3.X that it accepts
+# (Fedora's python3 may be newer than the range); `make python` says which. PYTHON=/path/to/python overrides.
+PY_SPEC  := $(shell sed -n 's/^requires-python = "\(.*\)"/\1/p' pyproject.toml)
+PY_RANGE := $(shell sed -n 's/^requires-python = ">=\([0-9]*\)\.\([0-9]*\),<\([0-9]*\)\.\([0-9]*\)"/(\1,\2) <= sys.version_info[:2] < (\3,\4)/p' pyproject.toml)
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11 python3.10; do \
+              command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ($(PY_RANGE)))' 2>/dev/null && { echo $$p; break; }; done)
+endif
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt
 PRESET ?= auto
 STAMP  := $(VENV)/.llmnb-installed
 
-.PHONY: setup test-setup run smoke test lab clean
+.PHONY: python setup test-setup run smoke test lab clean
 
-$(PY):
+python:
+	@test -n "$(PYTHON)" || { echo "No Python $(PY_SPEC), which llmnb supports, is on PATH; python3 is $$(python3 --version 2>&1)." >&2; \
+	  echo "Install one, then run make again: sudo dnf install python3.13 (Fedora), sudo apt install python3.12 (Debian/Ubuntu)," >&2; \
+	  echo "brew install python@3.13 (macOS), or uv python install 3.13 and make PYTHON=\$$(uv python find 3.13)." >&2; exit 1; }
+	@echo "$(PYTHON) ($$($(PYTHON) --version 2>&1))"
+
+$(PY): | python
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 

@@ -1,4 +1,7 @@
 """The set-up files agree with each other: conda and pip name the same requirements, torch is pinned for CI."""
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -28,3 +31,32 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make run" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _fake_pythons(folder: Path, versions: dict[str, str | None]) -> dict[str, str]:
+    """Executables named like interpreters: a version string makes a stand-in that reports it and fails the range check
+    (as Fedora's Python 3.14 would); None links the interpreter running this test, which is in the range."""
+    for name, version in versions.items():
+        if version is None:
+            (folder / name).symlink_to(sys.executable)
+        else:
+            (folder / name).write_text(f"#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python {version}' && exit 0\nexit 1\n")
+            (folder / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:/usr/bin:/bin", "MAKEFLAGS": ""}
+
+
+def test_make_picks_a_supported_python_when_python3_is_too_new(tmp_path):
+    env = _fake_pythons(tmp_path, {"python3": "3.14.0", "python3.13": "3.14.0", "python3.12": None})
+    env.pop("PYTHON", None)
+    run = subprocess.run(["make", "-s", "-C", str(ROOT), "python"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.startswith("python3.12 ("), run.stdout + run.stderr
+
+
+def test_make_stops_with_the_command_that_installs_a_supported_python(tmp_path):
+    env = _fake_pythons(tmp_path, {name: "3.14.0" for name in ("python3", "python3.13", "python3.12", "python3.11", "python3.10")})
+    env.pop("PYTHON", None)
+    run = subprocess.run(["make", "-s", "-C", str(ROOT), "python"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "python3 is Python 3.14.0" in run.stderr and "sudo dnf install python3.13" in run.stderr
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert f"No Python {spec}," in run.stderr, "the range comes from pyproject.toml's requires-python"
