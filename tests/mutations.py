@@ -40,7 +40,8 @@ G = "tests/test_gguf.py::"
 S = "tests/test_serve_scheduler.py::"
 MUTATIONS = [
     Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss * weights[micro]).backward()",
-             "scaler.scale(loss * weights[micro] * world_size()).backward()", (T + "test_two_processes_match_one_process_with_the_same_global_batch",)),
+             "scaler.scale(loss * weights[micro] * world_size()).backward()",
+             (T + "test_two_processes_match_one_process_with_the_same_global_batch", T + "test_two_nodes_of_one_process_each_match_one_process")),
     Mutation("RNG state not restored on resume", "llmnb/train.py", 'set_rng_state(state["rng"])  # last', "pass  # last",
              (T + "test_resumed_run_continues_the_same_loss_curve_with_dropout_on",)),
     Mutation("AdamW state left out of the memory estimate", "llmnb/budget.py", '"fp32": (4.0, 4.0, 8.0, 4.0)', '"fp32": (4.0, 4.0, 0.0, 4.0)',

@@ -135,6 +135,31 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
         assert metrics(tmp_path / "cut") == pytest.approx(metrics(tmp_path / "two"), abs=1e-5)
 
 
+def test_two_nodes_of_one_process_each_match_one_process(data_dir, tmp_path):
+    """Two "machines" on this one: two torchrun launchers, one process each, meeting through the c10d rendezvous at an
+    address (here 127.0.0.1; on a cluster, the first node's), as README's multi-node command runs them."""
+    import socket
+
+    torchrun(data_dir, tmp_path / "one", "nproc=1", "batch_size=8", "max_steps=4")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "eval_interval=100", "eval_batches=2", "save_hf=false", "log_interval=1",
+              "lr=0.003", "warmup_steps=1", "sample_tokens=0", "batch_size=4", "max_steps=4", 'distributed="ddp"',
+              f"data_dir={json.dumps(str(data_dir))}", f"out_dir={json.dumps(str(tmp_path / 'nodes'))}"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmnb-test",
+                               "-m", "llmnb.train", "--set", *common],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
+    start = json.loads((tmp_path / "nodes" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["world_size"] == 2
+    assert metrics(tmp_path / "nodes") == pytest.approx(metrics(tmp_path / "one"), abs=1e-5)
+    assert metrics(tmp_path / "nodes", "grad_norm") == pytest.approx(metrics(tmp_path / "one", "grad_norm"), rel=1e-4)
+
+
 def test_starting_from_pretrained_weights_continues_where_they_left_off(data_dir, tmp_path):
     first = train.pretrain(config(data_dir, tmp_path / "a", max_steps=30, lr=3e-3), progress=False)
     scratch = metrics(tmp_path / "a")[0]
