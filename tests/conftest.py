@@ -9,6 +9,11 @@ import torch  # noqa: E402
 
 from llmnb.paths import SMOKE, project_root  # noqa: E402
 
+if os.environ.get("LLMNB_TOLERANCES"):  # record how close every comparison came to its tolerance (tests/tolerances.py)
+    import tolerances  # noqa: E402
+
+    tolerances.install()
+
 
 def _outputs_of_other_presets() -> dict[str, tuple[int, int]]:
     """(size, modification time) of every file under outputs/ but outputs/smoke/: what cpu and gpu runs left."""
