@@ -65,7 +65,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    precision: str = "auto"  # auto, fp32, bf16, fp16
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast); fp64: the whole model in float64, for exact comparisons
     gradient_checkpointing: bool = False
     compile: bool = False
     seed: int = 1337
@@ -134,9 +134,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool = Fa
 def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if config.precision == "auto":
         return autocast_dtype(device)
-    table = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    table = {"fp32": None, "fp64": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if config.precision not in table:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {config.precision!r}")
+        raise ValueError(f"precision must be auto, fp32, fp64, bf16 or fp16, got {config.precision!r}")
     return table[config.precision]
 
 
@@ -219,7 +219,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     if world_size() > 1:
         torch.distributed.all_reduce(total)
     weights = counts * world_size() / total.clamp(min=1)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64 if config.precision == "fp64" else torch.float32)
     for micro, (x, y) in enumerate(micro_batches):
         last = micro == config.grad_accum - 1
         sync = trained.no_sync() if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
@@ -227,7 +227,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
             with amp:
                 _, loss = trained(x, y)
             scaler.scale(loss * weights[micro]).backward()
-        loss_sum += loss.detach().float() * weights[micro]  # averaged over ranks when logged: the step's mean loss
+        loss_sum += loss.detach().to(loss_sum.dtype) * weights[micro]  # averaged over ranks when logged: the step's mean loss
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -368,7 +368,9 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
               "Raise max_steps to continue it, or delete the folder to start again.")
         return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), state["step"], 0.0, 0,
                            already_finished=True)
-    model = model.to(device)
+    # fp64: float32 sums rounded in another order (another rank count, another processor) move a multi-step run by
+    # ~1e-6; in float64 that rounding is ~1e-15, so runs that should be equal can be compared tightly
+    model = model.to(device, dtype=torch.float64) if config.precision == "fp64" else model.to(device)
     model.gradient_checkpointing = config.gradient_checkpointing
     check_memory(model, config, device)
     model.train()
@@ -399,7 +401,7 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
 
     if start_step == 0:
         write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(dtype)})
+               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": "torch.float64" if config.precision == "fp64" else str(dtype)})
     from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
     bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step,
