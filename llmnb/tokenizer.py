@@ -13,12 +13,14 @@ contain the merged pair, instead of recounting the corpus.
 from __future__ import annotations
 
 import heapq
+import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
 import regex
+import sentencepiece
 
 from .paths import write_atomic
 
@@ -329,6 +331,30 @@ class CharTokenizer:
     @classmethod
     def load(cls, path: str | Path) -> CharTokenizer:
         return cls(_load_json(path, "llmnb-char", "an llmnb character tokenizer file")["chars"])
+
+
+# Llama 2's trainer settings: text kept as it is (no NFKC, no collapsed spaces), digits one by one, and characters the
+# vocabulary lacks spelled as their UTF-8 bytes instead of <unk>.
+SENTENCEPIECE_LLAMA = dict(normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+                           allow_whitespace_only_pieces=True, character_coverage=1.0)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "unigram", byte_fallback: bool = True
+                        ) -> sentencepiece.SentencePieceProcessor:
+    """A SentencePiece tokenizer (Kudo & Richardson 2018: https://arxiv.org/abs/1808.06226) trained in memory on `texts`.
+
+    `unigram` (T5, ALBERT, XLNet) starts from many candidate pieces and drops those whose removal costs the corpus
+    likelihood least; `bpe` (Llama 1-2, Mistral, Gemma) merges pairs as our BPE does, but over characters of text in
+    which spaces are the visible piece "▁", with no regex split first. `byte_fallback`: unseen characters become
+    byte pieces, so any text round-trips; without it they become <unk> and are lost.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    lines = (line for text in texts for line in text.splitlines() if line.strip())  # SentencePiece reads sentences, not documents
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+                                             byte_fallback=byte_fallback, minloglevel=2, **SENTENCEPIECE_LLAMA)
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
 
 
 def _save_json(path: str | Path, kind: str, payload: dict) -> Path:

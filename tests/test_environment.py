@@ -60,3 +60,19 @@ def test_make_stops_with_the_command_that_installs_a_supported_python(tmp_path):
     assert "python3 is Python 3.14.0" in run.stderr and "sudo dnf install python3.13" in run.stderr
     spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert f"No Python {spec}," in run.stderr, "the range comes from pyproject.toml's requires-python"
+
+
+def test_the_tools_map_names_every_tool_the_documents_name_and_readme_shows_it():
+    from llmnb import tools
+
+    names = {t.name for t in tools.TOOLS}
+    assert set(tools.NAMED_BY_THE_DOCUMENTS) <= names, set(tools.NAMED_BY_THE_DOCUMENTS) - names
+    assert len(names) == len(tools.TOOLS), "one row per tool"
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- tools:start -->\n", 1)[1].split("\n<!-- tools:end -->", 1)[0]
+    assert section == tools.markdown_table(), "README's tools section is rendered from llmnb/tools.py: paste markdown_table() there"
+    assert all("http" in t.state for t in tools.TOOLS if "maintenance" in t.state), "a maintenance notice comes with its source"
+
+    servers = readme.split("<!-- servers:start -->\n", 1)[1].split("\n<!-- servers:end -->", 1)[0]
+    assert servers == tools.serving_table(), "README's server table is rendered from llmnb/tools.py: paste serving_table() there"
+    assert {"TorchServe", "Text Generation Inference", "OpenLLM", "vLLM", "TensorRT-LLM", "LM Studio", "GPT4All", "Ollama"} <= {s.name for s in tools.SERVERS}

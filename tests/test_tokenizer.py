@@ -165,3 +165,34 @@ def test_character_tokenizer(tmp_path):
     assert CharTokenizer.load(tok.save(tmp_path / "c.json")).encode("low") == tok.encode("low")
     with pytest.raises(ValueError, match="not in this character vocabulary"):
         tok.encode("xyz")
+
+
+@pytest.fixture(scope="module")
+def shakespeare_texts():
+    from llmnb import data
+
+    return [d.text for d in data.load_corpus("shakespeare").documents[:80]]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_round_trips_text_it_never_saw_through_byte_pieces(shakespeare_texts, model_type):
+    from llmnb.tokenizer import train_sentencepiece
+
+    unseen = "Naïve café\n  東京 🙂 ∑x² — 1234"  # characters Shakespeare lacks, a newline, two spaces
+    sp = train_sentencepiece(shakespeare_texts, 600, model_type)
+    assert sp.get_piece_size() == 600
+    ids = sp.encode(unseen)
+    assert sp.decode(ids) == unseen
+    pieces = [sp.id_to_piece(i) for i in ids]
+    assert "<0xE6>" in pieces and "<0x0A>" in pieces, "CJK and the newline (never in a training line) are spelled in bytes"
+    text = shakespeare_texts[0][:400]
+    assert sp.decode(sp.encode(text)) == text and len(sp.encode(text)) < 0.75 * len(text.encode()), "it compresses what it saw"
+
+
+def test_sentencepiece_without_byte_fallback_loses_unseen_characters_and_bad_types_are_refused(shakespeare_texts):
+    from llmnb.tokenizer import train_sentencepiece
+
+    sp = train_sentencepiece(shakespeare_texts, 600, "unigram", byte_fallback=False)
+    assert sp.unk_id() in sp.encode("東京") and sp.decode(sp.encode("東京")) != "東京"
+    with pytest.raises(ValueError, match="model_type must be 'unigram' or 'bpe'"):
+        train_sentencepiece(shakespeare_texts, 600, "wordpiece")
