@@ -3,7 +3,9 @@
     torchrun --standalone --nproc-per-node 2 -m llmnb.parallel zero --strategy ddp --n-layer 4 --n-embd 512
     torchrun --standalone --nproc-per-node 2 -m llmnb.parallel tensor --n-embd 256
 
-`zero`: one AdamW step of the same model and batch under three strategies, each process's memory measured. "ddp" keeps
+`zero`: AdamW steps of the same model and batch under three strategies, what each process holds measured (the bytes of
+its weights between forward and backward, gradients and AdamW moments, DTensor shards counted as held) and its resident
+peak (which adds the optimizer's temporaries and the collectives' buffers). "ddp" keeps
 everything on every process (ZeRO stage 0); "shard-grad-op" is FSDP's SHARD_GRAD_OP (gradients and optimizer state
 sharded, the weights gathered for the whole step: ZeRO-2); "full-shard" is FSDP's FULL_SHARD (weights sharded too,
 gathered one block at a time: ZeRO-3). Megatron-LM's tensor parallelism (Shoeybi et al. 2019,
@@ -34,7 +36,7 @@ def _model(n_layer: int, n_embd: int, seed: int = 0) -> GPT:
 
 def _wrap(model: GPT, strategy: str) -> torch.nn.Module:
     if strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(model)
+        return torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)  # gradients live in the buckets: no second copy
     from torch.distributed.fsdp import fully_shard
 
     keep_gathered = strategy == "shard-grad-op"  # ZeRO-2: weights stay gathered from forward through backward
@@ -53,6 +55,8 @@ def zero_memory(strategy: str, n_layer: int, n_embd: int, steps: int = 2) -> dic
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     ids = torch.randint(0, 512, (2 * world_size(), 65), generator=torch.Generator().manual_seed(1))[rank() * 2:(rank() + 1) * 2]
+    if n_layer > 1 or n_embd > 64:  # the first steps page in code and thread pools (hundreds of MB): not the model's to pay
+        zero_memory(strategy, 1, 64, steps=1)
     before = release_freed_memory()  # resident bytes with no model: what the steps' peak is measured from
     model = _model(n_layer, n_embd)
     params = sum(p.numel() for p in model.parameters())
@@ -63,6 +67,7 @@ def zero_memory(strategy: str, n_layer: int, n_embd: int, steps: int = 2) -> dic
     losses = []
     for _ in range(steps):
         _, loss = trained(ids[:, :-1], ids[:, 1:])
+        weights_in_step = _local_bytes(model.parameters())  # between forward and backward: gathered or sharded
         loss.backward()
         held_grads = _local_bytes(p.grad for p in trained.parameters())
         optimizer.step()
@@ -71,8 +76,10 @@ def zero_memory(strategy: str, n_layer: int, n_embd: int, steps: int = 2) -> dic
         dist.all_reduce(average, op=dist.ReduceOp.AVG)
         losses.append(float(average))
     moments = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"strategy": strategy, "world_size": world_size(), "parameters": params, "losses": losses,
-            "weights_held_mb": _local_bytes(trained.parameters()) / 1e6, "gradients_held_mb": held_grads / 1e6,
+    state_at_peak = weights_in_step + held_grads + _local_bytes(moments)  # the model state held through backward
+    return {"state_at_peak_mb": state_at_peak / 1e6, "strategy": strategy, "world_size": world_size(), "parameters": params, "losses": losses,
+            "weights_held_mb": _local_bytes(trained.parameters()) / 1e6, "weights_in_step_mb": weights_in_step / 1e6,
+            "gradients_held_mb": held_grads / 1e6,
             "optimizer_held_mb": _local_bytes(moments) / 1e6, "peak_rise_mb": (resident_bytes()[1] - before) / 1e6}
 
 
@@ -140,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torch.set_num_threads(1)
         result = zero_memory(args.strategy, args.n_layer, args.n_embd) if args.what == "zero" else tensor_parallel(args.n_embd)
-        print(json.dumps({"rank": rank(), **result}), flush=True)
+        for turn in range(world_size()):  # one rank at a time: lines written together would interleave
+            if turn == rank():
+                print(json.dumps({"rank": rank(), **result}), flush=True)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

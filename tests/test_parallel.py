@@ -26,13 +26,15 @@ def test_tensor_parallel_mlp_and_attention_equal_one_process_after_one_all_reduc
 
 def test_sharding_strategies_train_alike_and_hold_less_per_process_the_more_they_shard():
     """ZeRO's ordering, measured: full sharding < sharded gradients and optimizer < DDP, at the same losses."""
-    runs = {s: torchrun("zero", "--strategy", s, "--n-layer", "2", "--n-embd", "1024") for s in ("ddp", "shard-grad-op", "full-shard")}
+    runs = {s: torchrun("zero", "--strategy", s, "--n-layer", "4", "--n-embd", "256") for s in ("ddp", "shard-grad-op", "full-shard")}
     ddp, grad_op, full = runs["ddp"], runs["shard-grad-op"], runs["full-shard"]
     for other in (grad_op, full):
         assert other["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
         assert other["weights_held_mb"] == pytest.approx(ddp["weights_held_mb"] / 2, rel=0.05)  # each process keeps half between steps
         assert other["optimizer_held_mb"] == pytest.approx(ddp["optimizer_held_mb"] / 2, rel=0.05)
-    assert full["peak_rise_mb"] < grad_op["peak_rise_mb"] < ddp["peak_rise_mb"], {s: r["peak_rise_mb"] for s, r in runs.items()}
+    assert grad_op["weights_in_step_mb"] == pytest.approx(ddp["weights_in_step_mb"]), "ZeRO-2 gathers every weight for the step"
+    assert full["weights_in_step_mb"] == pytest.approx(full["weights_held_mb"]), "ZeRO-3 gathers one block at a time, then lets go"
+    assert full["state_at_peak_mb"] < grad_op["state_at_peak_mb"] < ddp["state_at_peak_mb"], {s: r["state_at_peak_mb"] for s, r in runs.items()}
 
 
 def test_the_command_says_how_to_run_it_and_refuses_widths_it_cannot_split():
