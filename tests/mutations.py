@@ -140,6 +140,22 @@ MUTATIONS = [
     Mutation("cumulative probabilities summed over the batch, not the vocabulary", "llmnb/generate.py",
              "cdf = logits.softmax(dim=-1).cumsum(dim=-1)", "cdf = logits.softmax(dim=-1).cumsum(dim=0)",
              ("tests/test_generate.py::test_sampling_draws_tokens_at_their_probabilities",)),
+    Mutation("the loss of a float64 model taken in float32", "llmnb/model.py", "    return x if x.dtype == torch.float64 else x.float()",
+             "    return x.float()", ("tests/test_lora.py::test_a_few_optimizer_steps_leave_the_same_weights_as_peft",)),
+    Mutation("bitsandbytes' reference layers left in training mode (never its packed path)", "llmnb/quantize.py",
+             "    return out.eval()  # the new layers too", "    return out  # the new layers too",
+             (Q + "test_bitsandbytes_nf4_layers_compute_their_own_dequantized_weight_on_each_cpu_path",)),
+    Mutation("a smoke run writes where the cpu preset's models are", "llmnb/paths.py",
+             'return root / SMOKE if os.environ.get("LLMNB_PRESET") == SMOKE else root', "return root",
+             ("tests/test_paths.py::test_the_smoke_preset_writes_apart_from_the_other_presets_but_shares_the_assets",)),
+    Mutation("SentencePiece trained without byte fallback", "llmnb/tokenizer.py", "byte_fallback=byte_fallback, minloglevel=2",
+             "byte_fallback=False, minloglevel=2", ("tests/test_tokenizer.py::test_sentencepiece_round_trips_text_it_never_saw_through_byte_pieces",)),
+    Mutation("ZeRO-2 lets the weights go after forward (that is ZeRO-3)", "llmnb/parallel.py", 'keep_gathered = strategy == "shard-grad-op"',
+             "keep_gathered = False", ("tests/test_parallel.py::test_sharding_strategies_train_alike_and_hold_less_per_process_the_more_they_shard",)),
+    Mutation("tensor parallel attention: keys and values of the wrong heads", "llmnb/parallel.py",
+             "kv_rows = slice(tp_rank * kv_heads * c.head_dim, (tp_rank + 1) * kv_heads * c.head_dim)",
+             "kv_rows = slice((1 - tp_rank) * kv_heads * c.head_dim, (2 - tp_rank) * kv_heads * c.head_dim)",
+             ("tests/test_parallel.py::test_tensor_parallel_mlp_and_attention_equal_one_process_after_one_all_reduce",)),
 ]
 
 
