@@ -6,7 +6,7 @@
 # The interpreter: python3 when pyproject's requires-python accepts it, else the newest python3.X that it accepts
 # (Fedora's python3 may be newer than the range); `make python` says which. PYTHON=/path/to/python overrides.
 PY_SPEC  := $(shell sed -n 's/^requires-python = "\(.*\)"/\1/p' pyproject.toml)
-PY_RANGE := $(shell sed -n 's/^requires-python = ">=\([0-9]*\)\.\([0-9]*\),<\([0-9]*\)\.\([0-9]*\)"/(\1,\2) <= sys.version_info[:2] < (\3,\4)/p' pyproject.toml)
+PY_RANGE := $(shell echo '$(PY_SPEC)' | sed 's/>=\([0-9]*\)\.\([0-9]*\),<\([0-9]*\)\.\([0-9]*\)/(\1,\2) <= sys.version_info[:2] < (\3,\4)/')
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11 python3.10; do \
               command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not ($(PY_RANGE)))' 2>/dev/null && { echo $$p; break; }; done)

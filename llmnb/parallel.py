@@ -75,12 +75,12 @@ def zero_memory(strategy: str, n_layer: int, n_embd: int, steps: int = 2) -> dic
         average = loss.detach().clone()
         dist.all_reduce(average, op=dist.ReduceOp.AVG)
         losses.append(float(average))
-    moments = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
-    state_at_peak = weights_in_step + held_grads + _local_bytes(moments)  # the model state held through backward
-    return {"state_at_peak_mb": state_at_peak / 1e6, "strategy": strategy, "world_size": world_size(), "parameters": params, "losses": losses,
+    moments = _local_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {"strategy": strategy, "world_size": world_size(), "parameters": params, "losses": losses,
             "weights_held_mb": _local_bytes(trained.parameters()) / 1e6, "weights_in_step_mb": weights_in_step / 1e6,
-            "gradients_held_mb": held_grads / 1e6,
-            "optimizer_held_mb": _local_bytes(moments) / 1e6, "peak_rise_mb": (resident_bytes()[1] - before) / 1e6}
+            "gradients_held_mb": held_grads / 1e6, "optimizer_held_mb": moments / 1e6,
+            "state_at_peak_mb": (weights_in_step + held_grads + moments) / 1e6,  # the model state held through backward
+            "peak_rise_mb": (resident_bytes()[1] - before) / 1e6}
 
 
 # --- tensor parallelism ---------------------------------------------------------------------

@@ -31,9 +31,7 @@ def outputs_dir(*parts: str) -> Path:
     `outputs/smoke/<parts>` instead, so that a test run never replaces a model that a cpu or gpu run left for the
     next notebook (a 2-layer stand-in where notebook 05 expects notebook 04's SmolLM2).
     """
-    path = outputs_root().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _created(outputs_root().joinpath(*parts))
 
 
 def outputs_root() -> Path:
@@ -45,14 +43,15 @@ def outputs_root() -> Path:
 def shared_outputs_dir(*parts: str) -> Path:
     """`outputs/<parts>` whatever the preset: for assets that are the same for every preset (SmolLM2 converted from its
     GGUF file, tiktoken's cache), prepared once by `llmnb assets`."""
-    path = project_root().joinpath("outputs", *parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return _created(project_root().joinpath("outputs", *parts))
 
 
 def data_dir(*parts: str) -> Path:
     """`data/<parts>` (downloaded and converted corpora), created on first use."""
-    path = project_root().joinpath("data", *parts)
+    return _created(project_root().joinpath("data", *parts))
+
+
+def _created(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -14,7 +14,9 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-PRESET_NAMES = ("smoke", "cpu", "gpu")
+from .paths import SMOKE
+
+PRESET_NAMES = (SMOKE, "cpu", "gpu")
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
@@ -112,7 +114,7 @@ def configure(notebook: str, preset: str, **overrides: Any) -> SimpleNamespace:
     for key, value in given.items():
         _check_type(notebook, key, value, values[key])
     values.update(given)
-    if name == "smoke":  # a smoke notebook started by hand writes under outputs/smoke/ too (paths.outputs_dir)
+    if name == SMOKE:  # a smoke notebook started by hand writes under outputs/smoke/ too (paths.outputs_dir)
         os.environ["LLMNB_PRESET"] = name
     return SimpleNamespace(preset=name, **values)
 

@@ -219,7 +219,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     if world_size() > 1:
         torch.distributed.all_reduce(total)
     weights = counts * world_size() / total.clamp(min=1)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64 if config.precision == "fp64" else torch.float32)
+    loss_sum = 0.0  # becomes a tensor of the loss's dtype: fp32, or float64 for a float64 model
     for micro, (x, y) in enumerate(micro_batches):
         last = micro == config.grad_accum - 1
         sync = trained.no_sync() if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
@@ -227,7 +227,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
             with amp:
                 _, loss = trained(x, y)
             scaler.scale(loss * weights[micro]).backward()
-        loss_sum += loss.detach().to(loss_sum.dtype) * weights[micro]  # averaged over ranks when logged: the step's mean loss
+        loss_sum = loss_sum + loss.detach() * weights[micro]  # averaged over ranks when logged: the step's mean loss
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -370,7 +370,8 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
                            already_finished=True)
     # fp64: float32 sums rounded in another order (another rank count, another processor) move a multi-step run by
     # ~1e-6; in float64 that rounding is ~1e-15, so runs that should be equal can be compared tightly
-    model = model.to(device, dtype=torch.float64) if config.precision == "fp64" else model.to(device)
+    weights_dtype = torch.float64 if config.precision == "fp64" else None  # None: the weights keep their dtype
+    model = model.to(device, dtype=weights_dtype)
     model.gradient_checkpointing = config.gradient_checkpointing
     check_memory(model, config, device)
     model.train()
@@ -401,7 +402,7 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
 
     if start_step == 0:
         write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": "torch.float64" if config.precision == "fp64" else str(dtype)})
+               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(weights_dtype or dtype)})
     from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
     bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step,

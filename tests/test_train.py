@@ -103,12 +103,17 @@ def test_a_killed_run_leaves_a_complete_checkpoint_and_resumes(data_dir, tmp_pat
     assert result.steps == state["step"] + 3
 
 
+def distributed_settings(data_dir, out) -> list[str]:
+    """The settings every one-process vs several-process comparison shares. float64: one process and two sum the same
+    numbers in another order; float32 would leave ~1e-6 between them."""
+    return ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "eval_interval=100", "eval_batches=2", "save_hf=false", "log_interval=1",
+            "lr=0.003", "warmup_steps=1", "sample_tokens=0", 'precision="fp64"', f"data_dir={json.dumps(str(data_dir))}",
+            f"out_dir={json.dumps(str(out))}"]
+
+
 def torchrun(data_dir, out, *settings, stop_after=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # float64: one process and two sum the same numbers in another order; float32 would leave ~1e-6 between them
-    common = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "eval_interval=100", "eval_batches=2", "save_hf=false", "log_interval=1",
-              "lr=0.003", "warmup_steps=1", "sample_tokens=0", 'precision="fp64"', f"data_dir={json.dumps(str(data_dir))}",
-              f"out_dir={json.dumps(str(out))}"]
+    common = distributed_settings(data_dir, out)
     if "nproc=1" in settings:
         cmd = [sys.executable, "-m", "llmnb.train"]
     else:
@@ -146,9 +151,7 @@ def test_two_nodes_of_one_process_each_match_one_process(data_dir, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "eval_interval=100", "eval_batches=2", "save_hf=false", "log_interval=1",
-              "lr=0.003", "warmup_steps=1", "sample_tokens=0", "batch_size=4", "max_steps=4", 'distributed="ddp"', 'precision="fp64"',
-              f"data_dir={json.dumps(str(data_dir))}", f"out_dir={json.dumps(str(tmp_path / 'nodes'))}"]
+    common = [*distributed_settings(data_dir, tmp_path / "nodes"), "batch_size=4", "max_steps=4", 'distributed="ddp"']
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "llmnb-test",
                                "-m", "llmnb.train", "--set", *common],
