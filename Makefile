@@ -32,7 +32,7 @@ $(PY): | python
 # Reinstall only when the requirements change; torch is pinned through constraints.txt.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) torch $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[all]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

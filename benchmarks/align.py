@@ -22,14 +22,14 @@ CHILD = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-from llmnb import align, checkpoint, lora, sft
+from llmnb import align, artifacts, checkpoint, lora, sft
 from llmnb.hardware import reset_peak_resident, resident_bytes
 
 job = json.loads(sys.argv[1])
 torch.manual_seed(0)
 reset_peak_resident()
 before = resident_bytes()[0]
-folder = str(sft.prepare_tuned(job["model"]))
+folder = str(artifacts.ensure("tuned", base=job["model"]))
 prompts = sft.arithmetic_examples(64, seed=50_001)
 model, tok = checkpoint.load(folder)
 lora.attach(model, "all-linear", r=job["r"], alpha=2 * job["r"])
@@ -75,10 +75,10 @@ if job["what"] == "dpo":
         trainer.train()
         times = times[1:]
 else:
-    config = align.RLConfig(steps=job["steps"] + 1, prompts_per_step=job["prompts"], samples_per_prompt=job["group"] if job["what"] == "grpo" else 1,
+    config = align.RLConfig(steps=job["steps"] + 1, prompts_per_step=job["prompts"], method=job["what"], samples_per_prompt=job["group"] if job["what"] == "grpo" else 1,
                             max_new_tokens=8, lr=1e-5, kl_coef=0.0 if job["what"] == "grpo" else 0.05, epochs=1 if job["what"] == "grpo" else 2)
     if job["who"] == "ours":
-        history = align.train_rl(align.new_state(model, tok, config, value_head=job["what"] == "ppo"), prompts, align.verifier_reward, config,
+        history = align.train_rl(align.new_state(model, tok, config), prompts, align.verifier_reward, config,
                                  progress=False)
         times = [b["elapsed"] - a["elapsed"] for a, b in zip(history, history[1:])]
         phases = {k.removeprefix("seconds "): min(h[k] for h in history[1:]) for k in history[0] if k.startswith("seconds ")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from llmnb import budget, hardware
+from llmnb import budget, hardware, measure
 
 SWEEP = [  # layers, width, heads, vocab, seq, batch
     (2, 128, 4, 4096, 128, 4),
@@ -39,7 +39,7 @@ def main() -> None:
         shape = budget.gpt2_shape("bench", layers, width, heads, vocab_size=vocab, context=seq)
         setup = budget.Setup(method="pretrain", batch=batch, seq_len=seq, precision="fp32")
         estimate = budget.estimate_memory(shape, setup).total
-        measured = budget.measure_training_memory(shape, setup, steps=args.steps, device=device)["peak_bytes"]
+        measured = measure.measure_training_memory(shape, setup, steps=args.steps, device=device)["peak_bytes"]
         print(f"| {layers} | {width} | {vocab} | {seq} x {batch} | {shape.n_params / 1e6:.1f} | {estimate / 1e6:.0f} | {measured / 1e6:.0f} | {measured / estimate:.2f} |", flush=True)
 
 

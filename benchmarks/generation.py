@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from llmnb import hardware  # noqa: E402
-from llmnb.model import GPT, GPTConfig, from_hf, to_hf  # noqa: E402
+from llmnb.hf_bridge import from_hf, to_hf  # noqa: E402
+from llmnb.model import GPT, GPTConfig  # noqa: E402
 from llmnb.checkpoint import resolve_model  # noqa: E402
 from llmnb.generate import generate  # noqa: E402
 

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a model folder or registry name (default: llmnb.serve.served_model())")
+    parser.add_argument("--model", default=None, help="a model folder or registry name (default: llmnb.artifacts.latest(): the collection's latest model)")
     parser.add_argument("--gguf", default=None, help="the same model as GGUF for llama.cpp (default: written F16 next to it)")
     parser.add_argument("--clients", default="1,2,4,8,16,32")
     parser.add_argument("--rates", default="0.5,1,2", help="Poisson arrival rates, requests per second")
@@ -35,10 +35,10 @@ def main() -> None:
 
     from llmnb.serve import llama_cpp_process, local_server
     from llmnb.serve.loadtest import closed_loop, poisson, warm_up
-    from llmnb.serve.launch import served_gguf, served_model
+    from llmnb import artifacts
 
-    model = args.model or str(served_model())
-    gguf = args.gguf or str(served_gguf(model))
+    model = args.model or str(artifacts.latest("smollm2-135m-instruct"))
+    gguf = args.gguf or str(artifacts.ensure("gguf", model=model, qtype="F16"))
     name = Path(model).name
     clients = [int(c) for c in args.clients.split(",")]
     rates = [float(r) for r in args.rates.split(",")]

@@ -20,8 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from llmnb import hardware  # noqa: E402
-from llmnb.model import GPT, GPTConfig, to_hf  # noqa: E402
-from llmnb.data import TokenWindows, prepare_token_dataset, read_meta, read_tokens  # noqa: E402
+from llmnb.hf_bridge import to_hf  # noqa: E402
+from llmnb.model import GPT, GPTConfig  # noqa: E402
+from llmnb import artifacts  # noqa: E402
+from llmnb.data import TokenWindows, read_meta, read_tokens  # noqa: E402
 
 CONFIGS = {"nanoGPT CPU (4x4x128, ctx 64, batch 12)": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch=12),
            "larger (6x6x384, ctx 256, batch 8)": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch=8)}
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--data", type=Path, default=None, help="a token folder (default: the Shakespeare BPE one, prepared if missing)")
     args = parser.parse_args()
-    args.data = args.data or prepare_token_dataset()
+    args.data = args.data or artifacts.ensure("tokens")
     meta = read_meta(args.data)
     device = hardware.pick_device()
     info = hardware.machine_info()

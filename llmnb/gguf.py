@@ -1,7 +1,7 @@
 """GGUF files for llama.cpp and everything built on it (LM Studio, Ollama, GPT4All), written with the `gguf` package.
 
-    path = write_gguf(model, tokenizer, "outputs/gguf/smollm2-sft.Q8_0.gguf", "Q8_0")
-    write_modelfile(path, tokenizer)     # Ollama: `ollama create smollm2-sft -f smollm2-sft.Q8_0.Modelfile`
+    path = write_gguf(model, tokenizer, "model.Q8_0.gguf", "Q8_0")
+    write_modelfile(path, tokenizer)     # Ollama: `ollama create mine -f model.Q8_0.Modelfile`
 
 A GGUF file is one self-describing file: key-value metadata (architecture, sizes, the
 tokenizer's vocabulary and merges, the chat template) followed by the tensors, each in
@@ -16,18 +16,21 @@ that both compute the same thing (llama.cpp's own converter does the same).
 """
 from __future__ import annotations
 
+import copy
 import json
+import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
-from .model import GPT
+from .hf_bridge import CONV1D, key_map, to_theirs
+from .model import GPT, token_logprobs
 from .paths import write_atomic
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0")
-BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5}
-BLOCK = 32  # weights per quantization block in Q8_0 and Q4_0
+BLOCK = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]  # weights per quantization block in Q8_0 and Q4_0 (32)
 GPT4_SPLIT_START = "'(?i:[sdmt]|ll|ve|re)|"
 
 
@@ -58,7 +61,7 @@ def tokenizer_metadata(tokenizer, pre: str | None = None) -> dict:
     special = {t["id"] for t in data["added_tokens"] if t.get("special")}
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     ids = {name: getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad", "unk")}
-    return {"tokens": tokens, "types": [3 if i in special else 1 for i in range(len(tokens))], "merges": merges,
+    return {"tokens": tokens, "types": [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))], "merges": merges,
             "pre": pre or _pre_tokenizer(data), "ids": ids, "chat_template": tokenizer.chat_template}
 
 
@@ -67,38 +70,32 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# each block's tensors, our name -> llama.cpp's (GPT-2's q, k and v are written fused as attn_qkv)
-BLOCK_NAMES = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
-               "attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+def _gguf_names(config) -> dict[str, str]:
+    """Hugging Face tensor name -> llama.cpp's, through gguf-py's own map for the architecture (our side: llmnb.hf_bridge)."""
+    arch = gguf.MODEL_ARCH.LLAMA if config.flavour == "llama" else gguf.MODEL_ARCH.GPT2
+    names = gguf.get_tensor_name_map(arch, config.n_layer)
+    theirs = list(key_map(config).values()) + [f"transformer.h.{i}.attn.c_attn.{p}" for i in range(config.n_layer) for p in ("weight", "bias")
+                                               if config.flavour == "gpt2"]
+    return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in theirs}
 
 
 def _tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """llama.cpp's tensor names -> fp32 tensors, (rows, cols) as in PyTorch."""
-    c, sd = model.config, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out = {"token_embd.weight": sd["wte.weight"]}
-    if c.flavour == "gpt2":
-        out["position_embd.weight"] = sd["wpe.weight"]
-    for i in range(c.n_layer):
-        p, b = f"blocks.{i}.", f"blk.{i}."
-        if c.flavour == "llama":
-            written = {"attn.q_proj", "attn.k_proj"}
-            out[b + "attn_q.weight"] = _permute(sd[p + "attn.q_proj.weight"], c.n_head)
-            out[b + "attn_k.weight"] = _permute(sd[p + "attn.k_proj.weight"], c.n_kv_head)
-        else:  # GPT-2 keeps one fused query-key-value matrix
-            written = {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
-            for kind in ("weight", "bias"):
-                out[b + f"attn_qkv.{kind}"] = torch.cat([sd[p + f"attn.{x}_proj.{kind}"] for x in "qkv"])
-        for ours, theirs in BLOCK_NAMES.items():
-            if ours in written:
-                continue
-            for kind in ("weight", "bias"):
-                if p + f"{ours}.{kind}" in sd:
-                    out[b + f"{theirs}.{kind}"] = sd[p + f"{ours}.{kind}"]
-    out["output_norm.weight"] = sd["norm_f.weight"]
-    if "norm_f.bias" in sd:
-        out["output_norm.bias"] = sd["norm_f.bias"]
-    if not c.tie_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
+    """llama.cpp's tensor names -> fp32 tensors, (rows, cols) as in PyTorch: the Hugging Face tensors, renamed.
+
+    GPT-2's Conv1D matrices go back to (out, in); Llama's q and k rows are permuted to llama.cpp's rotation.
+    """
+    c = model.config
+    theirs = to_theirs(c, {k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    out = {}
+    for hf, name in _gguf_names(c).items():
+        t = theirs[hf]
+        if c.flavour == "gpt2" and t.ndim == 2 and hf.endswith((*CONV1D, "c_attn.weight")):
+            t = t.t()
+        elif hf.endswith("q_proj.weight"):
+            t = _permute(t, c.n_head)
+        elif hf.endswith("k_proj.weight"):
+            t = _permute(t, c.n_kv_head)
+        out[name] = t
     return out
 
 
@@ -113,36 +110,23 @@ def _tensor_type(name: str, t: torch.Tensor, qtype: str) -> str:
     return "Q8_0" if name in ("token_embd.weight", "output.weight") else qtype
 
 
-def _ours(name: str) -> str:
-    """Our parameter name of a llama.cpp matrix (of a Llama-flavour model)."""
-    if name == "token_embd.weight":
-        return "wte.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    _, layer, kind, _ = name.split(".")
-    return f"blocks.{layer}." + {theirs: ours for ours, theirs in BLOCK_NAMES.items()}[kind] + ".weight"
-
-
 def file_weights(model: GPT, qtype: str) -> GPT:
     """A copy of `model` whose weights are what a `qtype` file stores, read back in fp32: the model llama.cpp runs.
 
     Quantization blocks run along a row (32 consecutive inputs), and the q/k permutation
     moves whole rows, so rounding before or after the permutation is the same.
     """
-    import copy
-
-    import gguf
-
     if model.config.flavour != "llama":
         raise ValueError("file_weights maps Llama-flavour models (GPT-2's fused qkv is written differently)")
     out = copy.deepcopy(model)
     state = out.state_dict()
+    ours = {name: mine for mine, hf in key_map(model.config).items() for h, name in _gguf_names(model.config).items() if h == hf}
     with torch.no_grad():
         for name, t in _tensors(model).items():
             kind = _tensor_type(name, t, qtype)
             if t.ndim != 2 or kind == "F32":
                 continue
-            target = state[_ours(name)]
+            target = state[ours[name]]
             w = target.float().cpu().numpy()
             if kind == "F16":
                 back = w.astype(np.float16).astype(np.float32)
@@ -176,7 +160,7 @@ def _vocabulary(writer, meta: dict, vocab_size: int) -> None:
         raise ValueError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings: they do not belong together")
     for i in range(len(tokens), vocab_size):  # embedding rows no token uses (a vocabulary padded to a round size)
         tokens.append(f"[PAD{i}]")
-        types.append(5)  # unused
+        types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(meta["pre"])
     writer.add_token_list(tokens)
@@ -192,8 +176,6 @@ def _vocabulary(writer, meta: dict, vocab_size: int) -> None:
 
 def write_gguf(model: GPT, tokenizer, path: str | Path, qtype: str = "F16", name: str = "", pre: str | None = None) -> Path:
     """Write `model` (llmnb's GPT, full precision) and its tokenizer as one GGUF file; atomic: no half-written file is left."""
-    import gguf
-
     if qtype not in TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}: choose one of {TYPES}")
     if getattr(model, "quantization", None):
@@ -231,8 +213,6 @@ def write_gguf(model: GPT, tokenizer, path: str | Path, qtype: str = "F16", name
 
 def read_metadata(path: str | Path) -> dict:
     """The scalar and string metadata of a GGUF file, and each tensor's type (long arrays left out)."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in reader.fields.items() if len(f.data) <= 1}
     return {"fields": fields, "tensor_types": {t.name: t.tensor_type.name for t in reader.tensors}}
@@ -292,8 +272,6 @@ def llama_cpp_server(path: str | Path, n_ctx: int = 512, n_parallel: int = 1, th
     `repack`: llama.cpp copies quantized weights into an interleaved layout for its AVX kernels (faster, and a second copy
     of those weights in memory beside the mapped file); False reads them from the file as they are.
     """
-    import os
-
     import xllamacpp
 
     params = xllamacpp.CommonParams()
@@ -326,8 +304,6 @@ def agreement(model, prompt: list[int], tokens: list[int], logprobs: list[float]
     `decided` counts only the steps where our top two tokens are more than `margin` nats
     apart: a near tie may fall either way under fp16 rounding, without anything being wrong.
     """
-    from .model import token_logprobs
-
     ids = torch.tensor([prompt + tokens])
     logits = model(ids)[0][0, len(prompt) - 1:-1].float()  # the logits that predicted each of llama.cpp's tokens
     ours = token_logprobs(model, ids)[0, len(prompt) - 1:]

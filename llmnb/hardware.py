@@ -1,6 +1,9 @@
 """Device, precision and reproducibility helpers, the process group's rank, memory readings, and a report of the machine."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import os
 import platform
 import random
@@ -52,10 +55,6 @@ def release_freed_memory() -> int:
     Freed tensors otherwise stay in the process's heap, so its resident memory, and any
     peak measured from it, keeps what earlier cells used: call this before measuring a stage.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
     name = ctypes.util.find_library("c")
     if name and sys.platform.startswith("linux"):
@@ -166,10 +165,27 @@ def machine_info(path: str = ".") -> MachineInfo:
     )
 
 
+# Dense bf16/fp16 tensor-core peak of common GPUs, from the vendors' datasheets (FLOP/s).
+# The one table for MFU and time estimates; `gpu_peak_flops` matches the longest name first.
+GPU_PEAK_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12,
+    "L40S": 362e12, "L4": 121e12, "T4": 65e12, "V100": 125e12,
+}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The datasheet peak of a GPU from its reported name ("NVIDIA A10G", "NVIDIA L40S"), or None.
+
+    Longest key first, so "A10G" is not taken for an "A10", "L40S" for an "L4", nor a PCIe H100 for an SXM one.
+    """
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):
+        if key in device_name:
+            return GPU_PEAK_FLOPS[key]
+    return None
+
+
 def peak_flops(device: torch.device | str = "cpu") -> float:
     """The FLOP/s that MFU is measured against: a GPU's datasheet peak, else a measured matmul."""
-    from .budget import gpu_peak_flops
-
     device = torch.device(device)
     if device.type == "cuda":
         found = gpu_peak_flops(torch.cuda.get_device_name(device))

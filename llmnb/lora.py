@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+from .hf_bridge import hf_module_name
+from .model import swap_module
 from .paths import write_atomic
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,8 +96,7 @@ def attach(model: nn.Module, targets: str | list[str] | tuple[str, ...] = ("q_pr
         raise ValueError(f"LoRA target(s) {unmatched} match no linear layer; this model's linear layers are named {kinds}")
     model.requires_grad_(False)
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(linear[name], r, alpha, dropout))
+        swap_module(model, name, LoRALinear(linear[name], r, alpha, dropout))
     return chosen
 
 
@@ -134,8 +135,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put the plain nn.Linear back: a normal model, the base's layout and speed."""
     for name, layer in adapters(model).items():
         layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer.base)
+        swap_module(model, name, layer.base)
     return model
 
 
@@ -148,27 +148,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 # --- peft's file format ----------------------------------------------------------------------------
 
 
-def _hf_module(config, name: str) -> str:
-    """Our module name -> the Hugging Face Llama module name that peft's keys use."""
-    if config.flavour != "llama":
-        raise NotImplementedError("peft-format adapter files are written for the Llama flavour (GPT-2 fuses q, k and v into one c_attn matrix)")
-    m = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.(\w+)", name)
-    if m is None:
-        raise ValueError(f"no Hugging Face name for layer {name!r}")
-    return f"model.layers.{m[1]}.{'self_attn' if m[2] == 'attn' else 'mlp'}.{m[3]}"
-
-
 def save_adapter(model: nn.Module, folder: str | Path, base_model: str = "") -> Path:
     """`adapter_config.json` + `adapter_model.safetensors`, as `peft` writes them, for `PeftModel.from_pretrained`."""
-    from safetensors.torch import save_file
-
     layers = adapters(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to save: call llmnb.lora.attach first")
     first = next(iter(layers.values()))
     tensors = {}
     for name, layer in layers.items():
-        key = f"base_model.model.{_hf_module(model.config, name)}"
+        key = f"base_model.model.{hf_module_name(model.config, name)}"
         tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
@@ -189,8 +177,6 @@ def load_adapter(model: nn.Module, folder: str | Path, expect_base: str | None =
 
     Refuses a folder recorded for another base (`expect_base`), and shapes that do not fit this model.
     """
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{folder} is not a LoRA adapter folder: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -204,7 +190,7 @@ def load_adapter(model: nn.Module, folder: str | Path, expect_base: str | None =
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     names = attach(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
     for name, layer in adapters(model).items():
-        key = f"base_model.model.{_hf_module(model.config, name)}"
+        key = f"base_model.model.{hf_module_name(model.config, name)}"
         for part, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
             stored = tensors.get(f"{key}.{part}.weight")
             if stored is None or stored.shape != param.shape:

@@ -8,7 +8,7 @@ covers both families by configuration.
   grouped-query attention, tied or untied output head.
 
 Attention runs through `F.scaled_dot_product_attention`, or through the plain-math
-path (`attention="math"`) used to teach and to test. `to_hf` / `from_hf` move weights
+path (`attention="math"`) used to teach and to test. `llmnb.hf_bridge` moves weights
 to and from `GPT2LMHeadModel` / `LlamaForCausalLM` with identical logits.
 
 Every matrix is its own `nn.Linear`, named as Llama names them (`q_proj`, `k_proj`,
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -372,17 +371,32 @@ class GPT(nn.Module):
     # --- decoding layout ------------------------------------------------------------------------
 
     def for_decoding(self) -> GPT:
-        """Store every block matrix as (in, out) in memory: same shapes, same values, returns self.
+        """On a CPU, store every linear weight as (in, out) in memory: same shapes, same values, returns self.
 
         Generating one token is a matrix-vector product per weight, bound by memory bandwidth;
-        on CPUs this layout streams faster (benchmarks/generation.py measures it). It is
-        the layout of GPT-2's original Conv1D weights.
+        on CPUs this layout streams faster (benchmarks/generation.py measures it: 2x for the
+        output head at one row). It is the layout of GPT-2's original Conv1D weights. A tied
+        head stays tied: the one tensor it shares with the embedding changes layout, no copy is made.
         """
+        if self.norm_f.weight.device.type != "cpu":
+            return self
         with torch.no_grad():
-            for module in self.blocks.modules():
+            for module in self.modules():
                 if isinstance(module, nn.Linear):
                     module.weight.data = module.weight.data.t().contiguous().t()
         return self
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` in place of `root`'s submodule `name` (a dotted path); returns the module it replaced.
+
+    The one way a layer changes kind here: LoRA adapters, their merge, quantized layers, the references' layers.
+    """
+    parent, _, child = name.rpartition(".")
+    holder = root.get_submodule(parent) if parent else root
+    old = getattr(holder, child)
+    setattr(holder, child, new)
+    return old
 
 
 def token_logprobs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,150 +414,3 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Te
     # log_softmax(logits)[target] as a cross-entropy: no (B, T, vocab) log-probability tensor is kept
     nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
     return -nll.view_as(targets)
-
-
-# --- the Hugging Face bridge ------------------------------------------------------------------
-
-
-def hf_config(config: GPTConfig):
-    """The `GPT2Config` / `LlamaConfig` of a model with `config`: the one mapping between the two worlds."""
-    special = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}  # None stays None (GPT2Config would say 50256)
-    if config.flavour == "gpt2":
-        from transformers import GPT2Config
-
-        return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                          n_head=config.n_head, n_inner=config.d_ff, activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
-                          resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout, tie_word_embeddings=True, **special)
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=config.vocab_size, max_position_embeddings=config.block_size, hidden_size=config.n_embd,
-                       intermediate_size=config.d_ff, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                       num_key_value_heads=config.n_kv_head, head_dim=config.head_dim, rms_norm_eps=config.norm_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, attention_bias=config.bias,
-                       mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings, attention_dropout=config.dropout, **special)
-
-
-def _key_map(config: GPTConfig) -> dict[str, str]:
-    """Our parameter name -> the Hugging Face name, for every parameter stored one to one.
-
-    GPT-2's fused `c_attn` (q, k and v in one Conv1D) is handled apart, in `_split_c_attn`.
-    """
-    names: dict[str, str] = {}
-    parts = ["weight", "bias"] if config.bias else ["weight"]
-    if config.flavour == "gpt2":
-        names |= {"wte.weight": "transformer.wte.weight", "wpe.weight": "transformer.wpe.weight",
-                  "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}
-        layer = [("norm1", "ln_1"), ("attn.o_proj", "attn.c_proj"), ("norm2", "ln_2"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj")]
-        for i in range(config.n_layer):
-            names |= {f"blocks.{i}.{ours}.{p}": f"transformer.h.{i}.{theirs}.{p}" for ours, theirs in layer for p in parts}
-        return names
-    names |= {"wte.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
-    if not config.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for i in range(config.n_layer):
-        h = f"model.layers.{i}"
-        names |= {f"blocks.{i}.norm1.weight": f"{h}.input_layernorm.weight", f"blocks.{i}.norm2.weight": f"{h}.post_attention_layernorm.weight"}
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            names |= {f"blocks.{i}.attn.{proj}.{p}": f"{h}.self_attn.{proj}.{p}" for p in parts}
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            names |= {f"blocks.{i}.mlp.{proj}.{p}": f"{h}.mlp.{proj}.{p}" for p in parts}
-    return names
-
-
-# GPT-2 stores its matrices as Conv1D, (in, out): transposed against nn.Linear's (out, in).
-_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def _to_theirs(config: GPTConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    theirs = {hf: ours[name].t() if hf.endswith(_CONV1D) else ours[name] for name, hf in _key_map(config).items()}
-    if config.flavour == "gpt2":
-        for i in range(config.n_layer):
-            a = f"blocks.{i}.attn"
-            theirs[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat([ours[f"{a}.{p}_proj.weight"] for p in "qkv"]).t()
-            theirs[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat([ours[f"{a}.{p}_proj.bias"] for p in "qkv"])
-    return theirs
-
-
-def _to_ours(config: GPTConfig, theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    ours = {name: theirs[hf].t() if hf.endswith(_CONV1D) else theirs[hf] for name, hf in _key_map(config).items()}
-    if config.flavour == "gpt2":
-        for i in range(config.n_layer):
-            h, a = f"transformer.h.{i}.attn.c_attn", f"blocks.{i}.attn"
-            for p, w, b in zip("qkv", theirs[f"{h}.weight"].t().chunk(3), theirs[f"{h}.bias"].chunk(3)):
-                ours[f"{a}.{p}_proj.weight"], ours[f"{a}.{p}_proj.bias"] = w, b
-    if config.tie_embeddings:
-        ours["lm_head.weight"] = ours["wte.weight"]
-    return ours
-
-
-def to_hf(model: GPT, path: str | Path | None = None, tokenizer=None):
-    """A `GPT2LMHeadModel` / `LlamaForCausalLM` with our weights; saved (safetensors, config, tokenizer) when `path` is given.
-
-    A folder is written only with its tokenizer: without one, `AutoTokenizer` would load an
-    empty tokenizer from it without any error.
-    """
-    from transformers import AutoModelForCausalLM
-
-    if path is not None and tokenizer is None:
-        raise ValueError("to_hf(model, path) needs the tokenizer too: a model folder without one loads in AutoTokenizer as an empty tokenizer")
-    config = model.config
-    hf = AutoModelForCausalLM.from_config(hf_config(config))
-    theirs = _to_theirs(config, model.state_dict())
-    missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=False)
-    missing = [m for m in missing if not (config.tie_embeddings and m == "lm_head.weight") and ".attn.bias" not in m and "masked_bias" not in m]
-    if missing or unexpected:
-        raise RuntimeError(f"weights did not map onto {type(hf).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if config.tie_embeddings:
-        hf.tie_weights()
-    hf = hf.to(model.wte.weight.dtype).eval()
-    if path is not None:
-        from .paths import write_atomic
-
-        def write(folder: Path) -> None:
-            hf.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-
-        write_atomic(path, write)
-    return hf
-
-
-def config_from_hf(hf_config, attention: str = "sdpa") -> GPTConfig:
-    """Our GPTConfig for a `transformers` GPT-2 or Llama config; refuses what our GPT cannot represent."""
-    common = dict(vocab_size=hf_config.vocab_size, n_layer=hf_config.num_hidden_layers, n_head=hf_config.num_attention_heads,
-                  n_embd=hf_config.hidden_size, attention=attention, bos_token_id=hf_config.bos_token_id, eos_token_id=hf_config.eos_token_id)
-    if hf_config.model_type == "gpt2":
-        act = hf_config.activation_function
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"GPT-2 checkpoint uses activation {act!r}; llmnb's GPT-2 flavour implements the tanh GELU only")
-        return GPTConfig.gpt2(block_size=hf_config.n_positions, d_ff=hf_config.n_inner or 4 * hf_config.hidden_size,
-                              norm_eps=hf_config.layer_norm_epsilon, **common)
-    if hf_config.model_type == "llama":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-            raise ValueError("this Llama checkpoint's head_dim * heads differs from its width; llmnb's GPT does not support that layout")
-        rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"RoPE scaling {rope['rope_type']!r} is not implemented in llmnb's GPT; only the default rotation")
-        if bool(getattr(hf_config, "mlp_bias", False)) != bool(hf_config.attention_bias):
-            raise ValueError("this Llama checkpoint has biases in attention or in the MLP but not both; llmnb's GPT has them everywhere or nowhere")
-        return GPTConfig.llama(block_size=hf_config.max_position_embeddings, n_kv_head=hf_config.num_key_value_heads,
-                               d_ff=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps, rope_theta=rope["rope_theta"],
-                               bias=bool(hf_config.attention_bias), tie_embeddings=bool(hf_config.tie_word_embeddings), **common)
-    raise ValueError(f"model type {hf_config.model_type!r} is not supported: llmnb's GPT loads 'gpt2' and 'llama' checkpoints")
-
-
-def from_hf(source, attention: str = "sdpa") -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 or Llama model: a `transformers` model or a folder.
-
-    Names (registry names, hub ids) are resolved by `llmnb.checkpoint`, which calls this.
-    """
-    if isinstance(source, (str, Path)):
-        from transformers import AutoModelForCausalLM
-
-        if not (Path(source) / "config.json").is_file():
-            raise FileNotFoundError(f"{source} holds no config.json: pass a Hugging Face model folder, or use llmnb.checkpoint.load for names")
-        source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    config = config_from_hf(source.config, attention)
-    model = GPT(config)
-    model.load_state_dict({k: v.float() for k, v in _to_ours(config, source.state_dict()).items()}, strict=True)
-    return model.eval()

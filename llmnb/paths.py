@@ -5,6 +5,7 @@ uses the current folder. `LLMNB_HOME` overrides both, for a shared cache.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable
@@ -22,6 +23,19 @@ def project_root() -> Path:
 
 
 SMOKE = "smoke"
+
+
+class MissingPackage(RuntimeError):
+    """An asset package (a corpus, a model file) that is not installed; the message says how to install it."""
+
+
+def package_folder(module: str, install_hint: str) -> Path:
+    """The folder of an installed data package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPackage(f"the package {module!r} is not installed: run `python -m llmnb assets` (or `pip install --no-deps {install_hint}`)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
 
 
 def outputs_dir(*parts: str) -> Path:

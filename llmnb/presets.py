@@ -14,6 +14,8 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
+import torch
+
 from .paths import SMOKE
 
 PRESET_NAMES = (SMOKE, "cpu", "gpu")
@@ -27,14 +29,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=1024, compression_sizes=[300, 512, 1024], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=10, max_steps=40, eval_interval=20, char_steps=40, scaling_steps=0, batch_size=8, block_size=64, n_layer=2,
-                   zero_layers=2, zero_width=256, tp_width=128),
+                   zero_layers=2, zero_width=256, tp_width=128, recipe_width=64, recipe_steps=20),
         "02": dict(demo_layers=2, demo_width=64, demo_heads=4, kv_lengths=[16, 32, 64], kv_new_tokens=4, pattern_layer=3),
         "04": dict(base_model="smollm2-tiny-random", n_train=48, n_test=8, n_dialogue_train=16, n_dialogue_test=4, main_steps=3, batch_size=4, lora_rank=8, lr=1e-3,
                    block_size=160, table_steps=1, table_test=4, table_ranks=[8], trl_steps=2, wiki_windows=1, max_new_tokens=4, memory_steps=1),
-        "05": dict(base_model="smollm2-tiny-random", tune_steps=2, tune_examples=16, n_prompts=16, n_test=8, pref_prompts=8, pref_samples=2, n_style=8,
+        "05": dict(base_model="smollm2-tiny-random", n_prompts=16, n_test=8, pref_prompts=8, pref_samples=2, n_style=8,
                    lora_rank=4, lr=5e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=2, batch_size=4, method_seconds=60.0, max_steps=2, prompts_per_step=4,
                    group_size=2, max_new_tokens=4, trl_steps=1),
-        "06": dict(base_model="smollm2-tiny-random", pretrained_steps=20, eval_windows=2, window=64, n_task=8, gen_tokens=4, gguf_types=["F16", "Q4_0"],
+        "06": dict(base_model="smollm2-tiny-random", eval_windows=2, window=64, n_task=8, gen_tokens=4, gguf_types=["F16", "Q4_0"],
                    agreement_tokens=8, storage_context=512),
         "07": dict(base_model="smollm2-tiny-random", max_batch=8, context=256, demo_requests=6, demo_tokens=8, load_clients=[1, 4],
                    load_rates=[4.0], load_seconds=1.0, load_tokens=12, answer_tokens=12),
@@ -47,14 +49,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=4096, compression_sizes=[300, 512, 1024, 2048, 4096, 8192], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=110, max_steps=None, eval_interval=100, char_steps=400, scaling_steps=70, batch_size=16, block_size=128, n_layer=4,
-                   zero_layers=8, zero_width=512, tp_width=512),
+                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=128, recipe_steps=300),
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=8, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=2000, n_test=100, n_dialogue_train=400, n_dialogue_test=32, main_steps=48, batch_size=8, lora_rank=16, lr=1e-3,
                    block_size=160, table_steps=6, table_test=40, table_ranks=[8, 32], trl_steps=12, wiki_windows=8, max_new_tokens=32, memory_steps=2),
-        "05": dict(base_model="smollm2-135m-instruct", tune_steps=48, tune_examples=2000, n_prompts=400, n_test=100, pref_prompts=48, pref_samples=4,
+        "05": dict(base_model="smollm2-135m-instruct", n_prompts=400, n_test=100, pref_prompts=48, pref_samples=4,
                    n_style=16, lora_rank=16, lr=1e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=8, batch_size=8, method_seconds=40.0, max_steps=100,
                    prompts_per_step=8, group_size=4, max_new_tokens=8, trl_steps=2),
-        "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=300, eval_windows=6, window=256, n_task=40, gen_tokens=12,
+        "06": dict(base_model="smollm2-135m-instruct", eval_windows=6, window=256, n_task=40, gen_tokens=12,
                    gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=24, storage_context=4096),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=16, context=512, demo_requests=8, demo_tokens=24, load_clients=[1, 4, 16],
                    load_rates=[1.0], load_seconds=5.0, load_tokens=32, answer_tokens=40),
@@ -67,15 +69,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=16384, compression_sizes=[300, 1024, 4096, 8192, 16384, 32768], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=1200, max_steps=None, eval_interval=250, char_steps=5000, scaling_steps=2000, batch_size=32, block_size=512, n_layer=8,
-                   zero_layers=8, zero_width=512, tp_width=512),
+                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=256, recipe_steps=2000),
         "02": dict(demo_layers=12, demo_width=768, demo_heads=12, kv_lengths=[256, 512, 1024, 2048, 4096], kv_new_tokens=16, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=5000, n_test=300, n_dialogue_train=4000, n_dialogue_test=200, main_steps=400, batch_size=32, lora_rank=16, lr=1e-3,
                    block_size=256, table_steps=50, table_test=200, table_ranks=[8, 32, 128], trl_steps=100, wiki_windows=32, max_new_tokens=32,
                    memory_steps=3),
-        "05": dict(base_model="smollm2-135m-instruct", tune_steps=400, tune_examples=5000, n_prompts=2000, n_test=300, pref_prompts=500, pref_samples=8,
+        "05": dict(base_model="smollm2-135m-instruct", n_prompts=2000, n_test=300, pref_prompts=500, pref_samples=8,
                    n_style=400, lora_rank=16, lr=2e-4, kl_coef=0.05, dpo_beta=0.1, rm_steps=200, batch_size=32, method_seconds=300.0, max_steps=500,
                    prompts_per_step=32, group_size=8, max_new_tokens=16, trl_steps=20),
-        "06": dict(base_model="smollm2-135m-instruct", pretrained_steps=2000, eval_windows=32, window=512, n_task=300, gen_tokens=64,
+        "06": dict(base_model="smollm2-135m-instruct", eval_windows=32, window=512, n_task=300, gen_tokens=64,
                    gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=64, storage_context=8192),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=32, context=2048, demo_requests=16, demo_tokens=64, load_clients=[1, 4, 16, 32],
                    load_rates=[1.0, 4.0], load_seconds=20.0, load_tokens=128, answer_tokens=128),
@@ -88,8 +90,6 @@ def resolve_preset(name: str) -> str:
     if name == "auto":
         name = os.environ.get("LLMNB_PRESET", "")
         if not name:
-            import torch
-
             name = "gpu" if torch.cuda.is_available() else "cpu"
     if name not in PRESET_NAMES:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESET_NAMES)} or 'auto'")

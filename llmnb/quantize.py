@@ -2,8 +2,8 @@
 
     model, tokenizer = load("smollm2-135m-instruct")
     quantize_model(model, "int8")          # every linear layer in place; the model still generates
-    save_quantized(model, tokenizer, "outputs/models/smollm2-int8")
-    model, tokenizer = load_quantized("outputs/models/smollm2-int8")
+    save_quantized(model, tokenizer, folder)   # notebook 06 saves through llmnb.artifacts, which names the folder
+    model, tokenizer = load_quantized(folder)
 
 The schemes (one weight matrix W of shape (out, in)):
 - `int8`: absmax per output row, W ~ scale[row] * q, q in [-127, 127]; matmul by PyTorch's
@@ -22,18 +22,26 @@ most sensitive matrix. Norms and GPT-2's position table stay fp32 (a few thousan
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
-from .model import GPT, GPTConfig
+from .generate import generate
+from .lora import adapters
+from .model import GPT, GPTConfig, rope_tables, swap_module, token_logprobs
 from .paths import write_atomic
 
 SCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
+NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # QLoRA's block sizes: weights per absmax, absmaxes per second-level scale
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -158,80 +166,140 @@ def _fast_cpu(x: torch.Tensor) -> bool:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is stored in `scheme`; inference only (no gradients through the weight)."""
+    """A linear layer whose weight is stored quantized; inference only (no gradients through the weight).
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group_size: int = 64):
+    One subclass per scheme (`QUANT_LINEAR`): each says what it stores (`_buffers`), how it fills that from a
+    full-precision weight (`_store`), the fp32 weight it computes with (`dequantized_weight`) and, where PyTorch
+    has a CPU kernel for its format, the fast product (`_kernel`); without one, the dequantized weight is used.
+    """
+    scheme = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int = 64):
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {scheme!r}: choose one of {SCHEMES}")
-        self.in_features, self.out_features, self.scheme, self.group_size = in_features, out_features, scheme, group_size
-        n, k = out_features, in_features
-        if scheme in ("int8", "int8-dynamic"):
-            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
-            self.register_buffer("scale", torch.zeros(n, dtype=torch.bfloat16))  # the kernel's dtype: no conversion per call
-        elif scheme == "int4":  # the CPU kernel's own packed layout (two codes a byte) and its bf16 (scale, zero) pairs
-            self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))
-            self.register_buffer("scales_zeros", torch.zeros(k // group_size, n, 2, dtype=torch.bfloat16))
-        else:
-            self.register_buffer("qweight", torch.zeros(n * k // 2, dtype=torch.uint8))
-            self.register_buffer("absmax_q", torch.zeros(n * k // 64, dtype=torch.int8))
-            self.register_buffer("absmax_scale", torch.zeros(-(-n * k // 64 // 256)))
-            self.register_buffer("absmax_mean", torch.zeros(()))
-        self.register_buffer("bias", torch.zeros(n) if bias else None)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self._buffers_for(out_features, in_features)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: str, group_size: int = 64, name: str = "weight") -> QuantLinear:
-        w = linear.weight.detach().float().cpu()
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size)
+    @staticmethod
+    def create(scheme: str, in_features: int, out_features: int, bias: bool, group_size: int = 64) -> QuantLinear:
+        """An empty layer of `scheme` (to load a state dict into)."""
+        if scheme not in QUANT_LINEAR:
+            raise ValueError(f"unknown scheme {scheme!r}: choose one of {SCHEMES}")
+        return QUANT_LINEAR[scheme](in_features, out_features, bias, group_size)
+
+    @staticmethod
+    def from_linear(linear: nn.Linear, scheme: str, group_size: int = 64, name: str = "weight") -> QuantLinear:
+        """`linear` quantized in `scheme`; `name` says which layer an error is about."""
+        layer = QuantLinear.create(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size)
         with torch.no_grad():
-            if scheme in ("int8", "int8-dynamic"):
-                q, scale = absmax_quantize(w, dim=-1, scale_dtype=torch.bfloat16)  # the kernel's scale dtype
-                layer.qweight.copy_(q)
-                layer.scale.copy_(scale.squeeze(-1))
-            elif scheme == "int4":
-                q, scale, lo = int4_quantize(w, group_size, name)
-                zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-                layer.qweight.copy_(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
-                layer.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1).to(torch.bfloat16))
-            else:
-                codes, absmax = nf4_quantize(w)
-                layer.qweight.copy_(pack_nibbles(codes))
-                q, scale, mean = double_quantize(absmax)
-                layer.absmax_q.copy_(q)
-                layer.absmax_scale.copy_(scale)
-                layer.absmax_mean.copy_(mean)
+            layer._store(linear.weight.detach().float().cpu(), name)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
 
+    def _buffers_for(self, n: int, k: int) -> None:
+        raise NotImplementedError
+
+    def _store(self, w: torch.Tensor, name: str) -> None:
+        raise NotImplementedError
+
     def dequantized_weight(self) -> torch.Tensor:
         """The fp32 weight this layer computes with, (out, in)."""
-        if self.scheme in ("int8", "int8-dynamic"):
-            return self.qweight.float() * self.scale.float()[:, None]
-        if self.scheme == "int4":  # the packed layout is the kernel's own: read it back through the kernel
-            eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
-            return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_zeros).float().t()
-        absmax = double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean)
-        return nf4_dequantize(unpack_nibbles(self.qweight), absmax, torch.Size((self.out_features, self.in_features)))
+        raise NotImplementedError
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        return None  # no CPU kernel for this format: the dequantized weight is used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.scheme == "int8" and _fast_cpu(x):
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale).to(x.dtype)
-        elif self.scheme == "int8-dynamic" and _fast_cpu(x):
-            xq, xs = absmax_quantize(x2.float(), dim=-1)  # one scale per token
-            y = (torch._int_mm(xq, self.qweight.t()).float() * xs * self.scale.float()).to(x.dtype)
-        elif self.scheme == "int4" and _fast_cpu(x):
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros).to(x.dtype)
-        else:
-            y = F.linear(x2, self.dequantized_weight().to(x.dtype))
+        y = self._kernel(x2) if _fast_cpu(x) else None
+        y = F.linear(x2, self.dequantized_weight().to(x.dtype)) if y is None else y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+
+
+class Int8Linear(QuantLinear):
+    """int8 weights, one scale per output row; the activations stay in bf16 (PyTorch's weight-only int8 kernel)."""
+    scheme = "int8"
+
+    def _buffers_for(self, n: int, k: int) -> None:
+        self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8))
+        self.register_buffer("scale", torch.zeros(n, dtype=torch.bfloat16))  # the kernel's dtype: no conversion per call
+
+    def _store(self, w: torch.Tensor, name: str) -> None:
+        q, scale = absmax_quantize(w, dim=-1, scale_dtype=torch.bfloat16)
+        self.qweight.copy_(q)
+        self.scale.copy_(scale.squeeze(-1))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale.float()[:, None]
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scale)
+
+
+class Int8DynamicLinear(Int8Linear):
+    """The same int8 weights; each token's activations quantized to int8 too, multiplied in integers (torch._int_mm)."""
+    scheme = "int8-dynamic"
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        xq, xs = absmax_quantize(x2.float(), dim=-1)  # one scale per token
+        return torch._int_mm(xq, self.qweight.t()).float() * xs * self.scale.float()
+
+
+class Int4Linear(QuantLinear):
+    """4-bit codes with a bf16 (scale, zero) pair per group of `group_size` inputs, in the CPU kernel's packed layout."""
+    scheme = "int4"
+
+    def _buffers_for(self, n: int, k: int) -> None:
+        self.register_buffer("qweight", torch.zeros(n, k // 2, dtype=torch.uint8))  # two codes a byte
+        self.register_buffer("scales_zeros", torch.zeros(k // self.group_size, n, 2, dtype=torch.bfloat16))
+
+    def _store(self, w: torch.Tensor, name: str) -> None:
+        q, scale, lo = int4_quantize(w, self.group_size, name)
+        zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.qweight.copy_(torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+        self.scales_zeros.copy_(torch.stack([scale, zero], -1).transpose(0, 1).to(torch.bfloat16))
+
+    def dequantized_weight(self) -> torch.Tensor:  # the packed layout is the kernel's own: read it back through the kernel
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.qweight.device)
+        return torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size, self.scales_zeros).float().t()
+
+    def _kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.qweight, self.group_size, self.scales_zeros)
+
+
+class NF4Linear(QuantLinear):
+    """QLoRA's NF4: 4-bit codes on the normal quantiles, one absmax per NF4_BLOCK weights, the absmaxes themselves
+    quantized to int8 in blocks of ABSMAX_BLOCK (double quantization). No CPU kernel: dequantized, then multiplied."""
+    scheme = "nf4"
+
+    def _buffers_for(self, n: int, k: int) -> None:
+        blocks = -(-n * k // NF4_BLOCK)
+        self.register_buffer("qweight", torch.zeros(n * k // 2, dtype=torch.uint8))
+        self.register_buffer("absmax_q", torch.zeros(blocks, dtype=torch.int8))
+        self.register_buffer("absmax_scale", torch.zeros(-(-blocks // ABSMAX_BLOCK)))
+        self.register_buffer("absmax_mean", torch.zeros(()))
+
+    def _store(self, w: torch.Tensor, name: str) -> None:
+        codes, absmax = nf4_quantize(w, NF4_BLOCK)
+        self.qweight.copy_(pack_nibbles(codes))
+        q, scale, mean = double_quantize(absmax, ABSMAX_BLOCK)
+        self.absmax_q.copy_(q)
+        self.absmax_scale.copy_(scale)
+        self.absmax_mean.copy_(mean)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        absmax = double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean, ABSMAX_BLOCK)
+        return nf4_dequantize(unpack_nibbles(self.qweight), absmax, torch.Size((self.out_features, self.in_features)), NF4_BLOCK)
+
+
+QUANT_LINEAR: dict[str, type[QuantLinear]] = {cls.scheme: cls for cls in (Int8Linear, Int8DynamicLinear, Int4Linear, NF4Linear)}
 
 
 class QuantEmbedding(nn.Module):
@@ -261,8 +329,6 @@ def _quantizable(model: GPT) -> list[tuple[str, nn.Linear]]:
 
 def quantize_model(model: GPT, scheme: str, group_size: int = 64) -> GPT:
     """Replace every linear layer of the blocks by a `QuantLinear` in `scheme`, and the head and embedding by int8; in place."""
-    from .lora import adapters
-
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}: choose one of {SCHEMES}")
     if not isinstance(model, GPT):
@@ -276,9 +342,7 @@ def quantize_model(model: GPT, scheme: str, group_size: int = 64) -> GPT:
             groups(linear.weight, group_size, f"blocks.{name}")  # check every layer before changing any
     model.to("cpu")
     for name, linear in _quantizable(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.blocks.get_submodule(parent_name)
-        setattr(parent, child, QuantLinear.from_linear(linear, scheme, group_size, f"blocks.{name}"))
+        swap_module(model.blocks, name, QuantLinear.from_linear(linear, scheme, group_size, f"blocks.{name}"))
     tied = model.config.tie_embeddings
     model.lm_head = QuantLinear.from_linear(model.lm_head, "int8")
     if tied:
@@ -303,14 +367,11 @@ def _empty_quantized(config: GPTConfig, scheme: str, group_size: int) -> GPT:
     with torch.device("meta"):
         model = GPT(config)
     for name, linear in _quantizable(model):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.blocks.get_submodule(parent_name), child, QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme, group_size))
-    model.lm_head = QuantLinear(config.n_embd, config.vocab_size, False, "int8")
+        swap_module(model.blocks, name, QuantLinear.create(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size))
+    model.lm_head = QuantLinear.create("int8", config.n_embd, config.vocab_size, False)
     model.wte = QuantEmbedding(model.lm_head) if config.tie_embeddings else QuantEmbedding(num=config.vocab_size, dim=config.n_embd)
     model.to_empty(device="cpu")
     if config.flavour == "llama":  # the rope tables are not saved: recompute them
-        from .model import rope_tables
-
         model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
     model.quantization = {"scheme": scheme, "group_size": group_size}
     return model
@@ -318,8 +379,6 @@ def _empty_quantized(config: GPTConfig, scheme: str, group_size: int) -> GPT:
 
 def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:
     """Weights (safetensors), `quantization.json` (scheme, group size, the GPTConfig) and the tokenizer, written atomically."""
-    from safetensors.torch import save_file
-
     if not getattr(model, "quantization", None):
         raise ValueError("the model is not quantized: call quantize_model(model, scheme) first")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -336,9 +395,6 @@ def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:
 
 def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, object]:
     """(quantized GPT, tokenizer) from a `save_quantized` folder; `scheme`, when given, must be the one stored."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     meta_file = folder / QUANT_FILE
     if not meta_file.is_file():
@@ -411,15 +467,12 @@ def reference_model(model: GPT, library: str, bnb_packed: bool | None = None) ->
     bitsandbytes' 4-bit CPU path: None lets it choose (packed where the processor and the layer's shape allow), False
     forces the generic path on any processor, True insists on the packed one and says why it cannot be had.
     """
-    import copy
-
     out = copy.deepcopy(model).cpu().eval()
     if library == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(out.blocks, Int8WeightOnlyConfig())
         return out
-    import logging
 
     import bitsandbytes as bnb
 
@@ -439,8 +492,7 @@ def reference_model(model: GPT, library: str, bnb_packed: bool | None = None) ->
             raise ValueError(f"unknown reference {library!r}: choose bnb-int8, bnb-nf4, bnb-fp4 or torchao-int8")
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(out.blocks.get_submodule(parent_name), child, layer.to("cpu"))  # .to() is where bitsandbytes quantizes
+        swap_module(out.blocks, name, layer.to("cpu"))  # .to() is where bitsandbytes quantizes
     return out.eval()  # the new layers too: bitsandbytes picks its 4-bit CPU path by the layer's mode
 
 
@@ -457,18 +509,12 @@ def _bnb_packed(layer: nn.Module, name: str, wanted: bool | None) -> bool:
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token loss) over rows of token ids (every row the same length)."""
-    from .model import token_logprobs
-
     total = [token_logprobs(model, windows[i:i + batch_size]).double().sum() for i in range(0, len(windows), batch_size)]
     return float(torch.exp(-torch.stack(total).sum() / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
 def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> float:
     """Generated tokens per second (all rows together), greedy with the KV cache; best of `repeats` after a warm-up."""
-    import time
-
-    from .generate import generate
-
     generate(model, prompt, 2, temperature=0)
     best = float("inf")
     for _ in range(repeats):
@@ -476,15 +522,3 @@ def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats
         generate(model, prompt, new_tokens, temperature=0)
         best = min(best, time.perf_counter() - start)
     return prompt.shape[0] * new_tokens / best
-
-
-def prepare_quantized(model_dir: str | Path, scheme: str = "int8", group_size: int = 64) -> Path:
-    """`<model_dir>-<scheme>`: the model quantized and saved (save_quantized), once; found when it is already there."""
-    from .checkpoint import load
-
-    model_dir = Path(model_dir)
-    target = model_dir.with_name(f"{model_dir.name}-{scheme}")
-    if (target / QUANT_FILE).is_file():
-        return target
-    model, tokenizer = load(model_dir)
-    return save_quantized(quantize_model(model, scheme, group_size), tokenizer, target)

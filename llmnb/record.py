@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+from .hardware import resident_bytes
 from .paths import outputs_dir
 
 
@@ -56,10 +58,6 @@ def disk_bytes(path: str | Path) -> int:
 def cost(started: float, written: list[str | Path]) -> dict[str, float]:
     """What a notebook spent: wall seconds since `started` (time.perf_counter), this process's peak resident
     memory, and the disk taken by the files and folders it wrote. Recorded for the run report too."""
-    import time
-
-    from .hardware import resident_bytes
-
     spent = {"wall time (s)": time.perf_counter() - started, "peak memory of the kernel (GB)": resident_bytes()[1] / 1e9,
              "disk written (GB)": sum(disk_bytes(p) for p in written) / 1e9}
     for name, value in spent.items():

@@ -22,7 +22,7 @@ from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their 
 
 from .hardware import resident_bytes
 from .paths import notebooks_dir, outputs_dir
-from .presets import resolve_preset
+from .presets import PRESETS, configure, resolve_preset
 from .record import read_records
 
 
@@ -152,8 +152,6 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
 def check_parameters(notebooks: list[Path], preset: str, parameters: dict) -> None:
     """Refuse, before any notebook runs, a parameter no selected notebook's parameters cell has, or one of the wrong type."""
     import papermill
-
-    from .presets import PRESETS, configure
 
     known = {path.stem: set(papermill.inspect_notebook(str(path))) for path in notebooks}
     unknown = sorted(set(parameters) - set().union(*known.values()))

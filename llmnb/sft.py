@@ -15,15 +15,23 @@ LoRA, or fully, from a JSONL file, with the training loop of `llmnb.train`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import Document, PairBatches
+from . import lora
+from .checkpoint import load
+from .data import Document, PairBatches, load_corpus, pad_rows
+from .generate import generate
+from .hardware import rank, world_size
+from .hf_bridge import to_hf
 from .model import GPT, token_logprobs
+from .train import TrainConfig, TrainResult, parse_settings, train
 
 ARITHMETIC_SYSTEM = "Answer with the number only."
 CHARACTER_SYSTEM = "You are a character in a Shakespeare play. Reply to the line in character, in the play's language."
@@ -176,23 +184,14 @@ def batches(tokenizer, examples: list[Example], block_size: int, seed: int, batc
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 @torch.no_grad()
 def answers(model, tokenizer, prompts: list[str], system: str = "", max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
     """Greedy replies, left-padded batches; `model` is llmnb's GPT or a `transformers` causal LM (peft, 4-bit...)."""
-    from .generate import generate
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_pad([prompt_ids(tokenizer, p, system) for p in prompts[start:start + batch_size]], pad)
+        ids, mask = pad_rows([prompt_ids(tokenizer, p, system) for p in prompts[start:start + batch_size]], pad, "left")
         ids, mask = ids.to(device), mask.to(device)
         if isinstance(model, GPT):
             tokens = generate(model, ids, max_new_tokens, temperature=0, stop_tokens=[tokenizer.eos_token_id], attention_mask=mask)
@@ -226,12 +225,9 @@ def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int
     model.eval()
     for start in range(0, len(rendered), batch_size):
         chunk = rendered[start:start + batch_size]
-        width = max(len(p) + len(r) for p, r in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        mask, learn = torch.zeros_like(ids), torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+        ids, mask = pad_rows([p + r for p, r in chunk], pad_id)
+        learn = torch.zeros(len(chunk), ids.shape[1] - 1, dtype=torch.bool)
         for i, (p, r) in enumerate(chunk):
-            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, :len(p) + len(r)] = 1
             learn[i, len(p) - 1:len(p) + len(r) - 1] = True  # position t predicts token t + 1
         logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
         total -= logprobs[learn].sum().item()
@@ -240,77 +236,53 @@ def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int
     return total / count
 
 
-# --- the notebook-04 model, for the stages after it ----------------------------------------------
-
-TUNED = "smollm2-sft"  # outputs/models/<TUNED>: notebook 04's merged model; <TUNED>-adapter its LoRA adapter
+# --- notebook 04's recipe: its data split and its run, for the notebook and for llmnb.artifacts -----------
 
 
-def tuned_folder(base_dir: str | Path) -> Path:
-    """Where the model tuned from `base_dir` lives: TUNED for SmolLM2, <base name>-sft for any other base."""
-    from .checkpoint import SMOLLM2
-    from .paths import outputs_dir
-
-    name = Path(base_dir).name
-    return outputs_dir("models") / (TUNED if name == SMOLLM2 else f"{name}-sft")
-
-
-def tuned_base(folder: str | Path) -> str | None:
-    """The name of the base a tuned folder was fine-tuned from (recorded in its adapter), or None."""
-    config = Path(str(folder) + "-adapter") / "adapter_config.json"
-    return Path(json.loads(config.read_text())["base_model_name_or_path"]).name if config.is_file() else None
+@dataclass
+class TuneSplit:
+    """Notebook 04's examples: arithmetic from two stretches of the generator, replies from plays held out whole."""
+    arith_train: list[Example]
+    arith_test: list[Example]
+    dia_train: list[Example]
+    dia_test: list[Example]
+    test_plays: set[str]
 
 
-def prepare_tuned(base: str, steps: int = 48, n_train: int = 2000, n_dialogue: int = 400, batch_size: int = 8, rank: int = 16,
-                  lr: float = 1e-3, block_size: int = 160, force: bool = False) -> Path:
-    """Notebook 04's fine-tuned model (arithmetic + Shakespeare replies, LoRA on every linear layer, merged), as a HF folder.
+def tune_split(recipe: dict) -> TuneSplit:
+    """The arithmetic problems and Shakespeare (line -> reply) pairs notebook 04 trains on and scores; every seventh play held out.
 
-    Returns the folder notebook 04 wrote when it was tuned from `base`; otherwise trains it
-    with notebook 04's recipe (the defaults are its cpu preset) and writes it there, so any
-    later notebook run alone finds what it needs.
+    `recipe`: n_train, n_test (arithmetic), n_dialogue_train, n_dialogue_test (replies), as `llmnb.artifacts.tuned_recipe` gives them.
     """
-    from . import lora
-    from .checkpoint import load, resolve_model
-    from .data import load_corpus
-    from .model import to_hf
-    from .train import TrainConfig, train
-
-    base_dir = resolve_model(base)
-    folder = tuned_folder(base_dir)
-    if not force and (folder / "config.json").is_file() and tuned_base(folder) == Path(base_dir).name:
-        return folder
-    import random
-    import shutil
-    import tempfile
-
-    model, tokenizer = load(base_dir)
-    arithmetic, _ = arithmetic_split(n_train, 100)
+    arith_train, arith_test = arithmetic_split(recipe["n_train"], recipe["n_test"])
     dialogue = dialogue_examples(load_corpus("shakespeare").documents)
     plays = sorted({e.source for e in dialogue})
+    test_plays = set(plays[::7])
     random.Random(0).shuffle(dialogue)
-    dialogue = [e for e in dialogue if e.source not in set(plays[::7])][:n_dialogue]  # notebook 04 holds every seventh play out
+    return TuneSplit(arith_train, arith_test, [e for e in dialogue if e.source not in test_plays][:recipe["n_dialogue_train"]],
+                     [e for e in dialogue if e.source in test_plays][:recipe["n_dialogue_test"]], test_plays)
+
+
+def tune(base: GPT, tokenizer, split: TuneSplit, out_dir: str | Path, recipe: dict, progress: bool = True, **config) -> tuple[GPT, TrainResult]:
+    """LoRA (rank, alpha 2·rank) on every linear layer of a copy of `base`, both tasks at once: notebook 04's main run.
+
+    `recipe`: steps, batch_size, block_size, lr, rank; `config`: further TrainConfig settings (peak_flops, say).
+    """
+    steps, batch_size, block_size, lr, rank = (recipe[k] for k in ("steps", "batch_size", "block_size", "lr", "rank"))
+    model = copy.deepcopy(base)
     lora.attach(model, "all-linear", r=rank, alpha=2 * rank)
-    config = TrainConfig(out_dir=tempfile.mkdtemp(prefix="llmnb-sft-"), max_steps=steps, batch_size=batch_size, block_size=block_size, lr=lr,
-                         min_lr=lr / 10, warmup_steps=max(1, steps // 10), eval_interval=10**9, checkpoint_interval=0, log_interval=5,
-                         sample_prompts=[])
-    train(model, {"train": batches(tokenizer, arithmetic + dialogue, block_size, seed=0, batch_size=batch_size)}, config)
-    shutil.rmtree(config.out_dir, ignore_errors=True)
-    for target in (folder, Path(str(folder) + "-adapter")):  # a model tuned from another base: replaced, as notebook 04 does
-        shutil.rmtree(target, ignore_errors=True)
-    lora.save_adapter(model, Path(str(folder) + "-adapter"), base_model=str(base_dir))
-    to_hf(lora.merge_and_unload(model), folder, tokenizer=tokenizer)
-    return folder
+    data = {"train": batches(tokenizer, split.arith_train + split.dia_train, block_size, seed=0, batch_size=batch_size),
+            "val": batches(tokenizer, split.arith_test + split.dia_test, block_size, seed=1, batch_size=batch_size)}
+    settings = TrainConfig(out_dir=str(out_dir), max_steps=steps, batch_size=batch_size, block_size=block_size, lr=lr, min_lr=lr / 10,
+                           warmup_steps=max(1, steps // 10), eval_interval=max(5, steps // 4), eval_batches=4, checkpoint_interval=0,
+                           log_interval=5, sample_prompts=[], **config)
+    return model, train(model, data, settings, tokenizer=tokenizer, progress=progress)
 
 
 # --- the command line: fine-tune a base on a JSONL file, under torchrun too --------------------
 
 
 def main(argv: list[str] | None = None) -> None:
-    from . import lora
-    from .checkpoint import load
-    from .hardware import rank, world_size
-    from .model import to_hf
-    from .train import TrainConfig, parse_settings, train
-
     parser = argparse.ArgumentParser(description="Fine-tune a model on instruction data (LoRA, or every weight).")
     parser.add_argument("--base", required=True, help="anything llmnb.checkpoint.load takes: a folder, a checkpoint, a registry name")
     parser.add_argument("--data", required=True, help="a JSONL file of Alpaca, Dolly or prompt/response rows, or hf:<dataset id>")
@@ -320,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", default="all-linear", help="comma-separated layer names, or all-linear")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="TrainConfig values (JSON values), e.g. max_steps=100")
     args = parser.parse_args(argv)
-    config = TrainConfig.from_dict({"sample_prompts": [], "save_hf": False, **parse_settings(args.set)})
+    config = TrainConfig.from_dict({"sample_prompts": [], **parse_settings(args.set)})
     model, tokenizer = load(args.base)
     data = {"train": batches(tokenizer, read_examples(args.data), config.block_size, config.seed, config.batch_size, args.system)}
     if args.lora_r:

@@ -18,11 +18,15 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import regex
-import sentencepiece
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from .paths import write_atomic
+
+if TYPE_CHECKING:
+    import sentencepiece
 
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -195,8 +199,6 @@ class BPETokenizer:
 
     def to_hf_json(self, path: str | Path) -> Path:
         """Write a `tokenizer.json` that `tokenizers` and `PreTrainedTokenizerFast` load and encode identically."""
-        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
         to_char = byte_to_unicode()
 
         def text(i: int) -> str:
@@ -210,7 +212,6 @@ class BPETokenizer:
         steps = [pre_tokenizers.Split(Regex(self.pattern), behavior="isolated")] if self.pattern else []
         tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
-        from tokenizers import AddedToken
 
         for content, _ in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
             tok.add_special_tokens([AddedToken(content, special=True, normalized=False)])
@@ -340,7 +341,7 @@ SENTENCEPIECE_LLAMA = dict(normalization_rule_name="identity", remove_extra_whit
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "unigram", byte_fallback: bool = True
-                        ) -> sentencepiece.SentencePieceProcessor:
+                        ) -> "sentencepiece.SentencePieceProcessor":
     """A SentencePiece tokenizer (Kudo & Richardson 2018: https://arxiv.org/abs/1808.06226) trained in memory on `texts`.
 
     `unigram` (T5, ALBERT, XLNet) starts from many candidate pieces and drops those whose removal costs the corpus
@@ -348,6 +349,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     which spaces are the visible piece "▁", with no regex split first. `byte_fallback`: unseen characters become
     byte pieces, so any text round-trips; without it they become <unk> and are lost.
     """
+    import sentencepiece  # the notebooks extra: notebook 01's comparison only
+
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     lines = (line for text in texts for line in text.splitlines() if line.strip())  # SentencePiece reads sentences, not documents

@@ -28,31 +28,27 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import psutil
 import torch
+from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from . import budget
 from .checkpoint import CHECKPOINT_FILE, bpe_as_hf, load, read_checkpoint, save_checkpoint, tokenizer_from_state
 from .data import TokenWindows, read_meta, read_tokens
 from .generate import generate
 from .hardware import autocast_dtype, peak_flops, pick_device, rank, seed_everything, world_size
-from .model import GPT, GPTConfig, to_hf
+from .hf_bridge import to_hf
+from .model import GPT, GPTConfig
+from .tokenizer import BPETokenizer, CharTokenizer
 
 EVAL_STEPS = 10**12  # evaluation batches are drawn as if from these step numbers, a stream training never reaches
 
 
 @dataclass
 class TrainConfig:
-    data_dir: str = "outputs/data/shakespeare-bpe"  # train.bin, val.bin and meta.json (llmnb.data.prepare_token_dataset)
-    out_dir: str = "outputs/pretrain/run"
-    # model: new with these sizes, or from anything llmnb.checkpoint.load takes (then the sizes are the checkpoint's)
-    init_from: str | None = None
-    flavour: str = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    n_kv_head: int | None = None
-    block_size: int = 64
-    dropout: float = 0.0
+    """The loop's settings: everything `train` reads, for pretraining and fine-tuning alike."""
+    out_dir: str = ""  # checkpoints and metrics.jsonl (llmnb.artifacts.run_dir gives a folder under outputs/)
+    block_size: int = 64  # the longest row the loop trains on (what the memory check and the FLOP count assume)
     # optimisation
     batch_size: int = 12  # sequences per micro-batch per process
     grad_accum: int = 1
@@ -80,7 +76,6 @@ class TrainConfig:
     sample_tokens: int = 48
     memory_budget_gb: float | None = None  # refuse a model whose estimated training peak exceeds this; None: this machine's memory
     peak_flops: float | None = None  # for MFU; None: the GPU's datasheet peak, or a measured CPU matmul
-    save_hf: bool = True
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -91,7 +86,22 @@ class TrainConfig:
         return cls(**values)
 
 
-def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+@dataclass
+class PretrainConfig(TrainConfig):
+    """The loop's settings and pretraining's own: the token files and the model (`pretrain` reads these)."""
+    data_dir: str = ""  # train.bin, val.bin and meta.json: llmnb.artifacts.ensure("tokens") writes them
+    # model: new with these sizes, or from anything llmnb.checkpoint.load takes (then the sizes are the checkpoint's)
+    init_from: str | None = None
+    flavour: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: int | None = None
+    dropout: float = 0.0
+    save_hf: bool = True  # a Hugging Face folder at out_dir/hf when the run finishes
+
+
+def model_config(config: PretrainConfig, vocab_size: int) -> GPTConfig:
     make = GPTConfig.gpt2 if config.flavour == "gpt2" else GPTConfig.llama
     extra = {"n_kv_head": config.n_kv_head} if config.flavour == "llama" else {}
     return make(vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer, n_head=config.n_head,
@@ -142,6 +152,8 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype 
 
 def check_config(config: TrainConfig) -> None:
     """Refuse impossible optimisation settings before any training, saying what to change."""
+    if not config.out_dir:
+        raise ValueError("out_dir is empty: name the folder the run keeps its checkpoints and metrics in (llmnb.artifacts.run_dir)")
     for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
@@ -175,8 +187,6 @@ def _available_memory_gb(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / 1e9
     if device.type == "cpu":
-        import psutil
-
         return psutil.virtual_memory().available / 1e9
     return None
 
@@ -199,8 +209,19 @@ def set_rng_state(state: dict) -> None:
 # --- the parts of a step -----------------------------------------------------------------------
 
 
+@dataclass
+class Runtime:
+    """Where and how a run computes: the device, autocast (bf16/fp16, or none) and fp16's gradient scaler."""
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def __post_init__(self) -> None:
+        self.amp = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
 def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Batches, step: int, config: TrainConfig,
-               device, amp, scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, torch.Tensor, int]:
+               rt: Runtime) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimisation step over `grad_accum` micro-batches: (mean loss, gradient norm before clipping), left on the
     device, and the tokens the step computed on, padding included, over every rank.
 
@@ -210,7 +231,7 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    micro_batches = [batches.batch(step, micro, config.batch_size, device) for micro in range(config.grad_accum)]
+    micro_batches = [batches.batch(step, micro, config.batch_size, rt.device) for micro in range(config.grad_accum)]
     # Each micro-batch's loss is a mean over its learned tokens, and fine-tuning rows learn different numbers of
     # them: weigh each by its share of the global batch's learned tokens, so that accumulation and DDP (which
     # averages over ranks) give the mean over every learned token of the step, as one process with one big batch.
@@ -224,31 +245,31 @@ def train_step(trained: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
         last = micro == config.grad_accum - 1
         sync = trained.no_sync() if isinstance(trained, torch.nn.parallel.DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
-            with amp:
+            with rt.amp:
                 _, loss = trained(x, y)
-            scaler.scale(loss * weights[micro]).backward()
+            rt.scaler.scale(loss * weights[micro]).backward()
         loss_sum = loss_sum + loss.detach() * weights[micro]  # averaged over ranks when logged: the step's mean loss
-    scaler.unscale_(optimizer)
+    rt.scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already the norm over every shard
         grad_norm = grad_norm.full_tensor()
-    scaler.step(optimizer)
-    scaler.update()
+    rt.scaler.step(optimizer)
+    rt.scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, sum(x.numel() for x, _ in micro_batches) * world_size()
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: dict[str, Batches], config: TrainConfig, device, amp) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, data: dict[str, Batches], config: TrainConfig, rt: Runtime) -> dict[str, float]:
     """Mean loss of each split over the same `eval_batches` batches every time (fixed steps of the data order)."""
     model.eval()
     out = {}
     for split, batches in data.items():
         losses = []
         for i in range(config.eval_batches):
-            x, y = batches.batch(EVAL_STEPS + i, 0, config.batch_size, device)
-            with amp:
+            x, y = batches.batch(EVAL_STEPS + i, 0, config.batch_size, rt.device)
+            with rt.amp:
                 _, loss = model(x, y)
             losses.append(loss.float())
         loss = torch.stack(losses).mean()
@@ -260,11 +281,11 @@ def evaluate(model: torch.nn.Module, data: dict[str, Batches], config: TrainConf
 
 
 @torch.no_grad()
-def sample(model: GPT, config: TrainConfig, tokenizer, device) -> list[str]:
+def sample_texts(model: GPT, tokenizer, config: TrainConfig) -> list[str]:
     """Sampled continuations of the configured prompts (temperature 0.8, top-k 40, seed fixed by the config), as text."""
     out = []
     for prompt in config.sample_prompts:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        ids = torch.tensor([tokenizer.encode(prompt)], device=model.wte.weight.device)
         n = min(config.sample_tokens, model.config.block_size - ids.shape[1])
         if n <= 0:
             continue
@@ -344,6 +365,71 @@ def _restore(model: GPT, trained: torch.nn.Module, optimizer, state: dict) -> No
         optimizer.load_state_dict(state["optimizer"])
 
 
+class MetricsLog:
+    """A run's metrics.jsonl (written by rank 0): every step's loss and gradient norm, read back from the device once
+    per logging interval (a read-back is a sync), with the interval's speed: tokens/s, MFU and memory."""
+
+    def __init__(self, path: Path, write: bool, flops_per_token: float, peak: float, device: torch.device):
+        self.file = path.open("a") if write else None
+        self.flops_per_token, self.peak, self.device = flops_per_token, peak, device
+        self.pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm)
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def step(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int) -> None:
+        self.pending.append((step, lr, loss, grad_norm))
+        self.tokens += tokens
+
+    def flush(self) -> float:
+        """Write the interval's records; returns its last loss."""
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, _, loss, norm in self.pending])
+        if world_size() > 1:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
+        seconds = time.perf_counter() - self.started
+        for (step, lr, _, _), (loss, norm) in zip(self.pending, values.tolist()):
+            self.write({"step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+        self.write({"step": self.pending[-1][0], "event": "speed", "tokens_per_s": self.tokens / seconds,
+                    "mfu": self.tokens * self.flops_per_token / seconds / self.peak, "memory_mb": _memory_mb(self.device)})
+        self.pending, self.tokens = [], 0
+        self.restart()
+        return values[-1, 0].item()
+
+    def restart(self) -> None:
+        """The interval's clock starts again (after an evaluation: it is not training time)."""
+        self.started = time.perf_counter()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _run_setup(config: TrainConfig) -> tuple[Runtime, bool]:
+    """(the runtime, whether this is one process of several), the process group started under torchrun."""
+    device = pick_device(config.device)
+    distributed = world_size() > 1
+    if distributed:
+        device = _setup_distributed(device)
+    return Runtime(device, resolve_precision(config, device)), distributed
+
+
+def _flops_per_token(model: GPT, config: TrainConfig) -> float:
+    # forward + backward is 3 forwards; with frozen weights their gradients are skipped, about 2 (as llmnb.budget counts)
+    frozen = not all(p.requires_grad for p in model.parameters())
+    return (2 if frozen else 3) * model.flops_per_token(min(config.block_size, model.config.block_size))
+
+
+def _finished(state: dict, out_dir: Path, config: TrainConfig) -> TrainResult:
+    last = state.get("last_eval") or {}
+    print(f"{out_dir} already finished at step {state['step']} (max_steps={config.max_steps}): nothing to train. "
+          "Raise max_steps to continue it, or delete the folder to start again.")
+    return TrainResult(out_dir, out_dir / "metrics.jsonl", last.get("train_loss", math.nan), last.get("val_loss", math.nan), state["step"],
+                       0.0, 0, already_finished=True)
+
+
 def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenizer=None, on_eval: Callable[[dict], None] | None = None,
           stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train `model` on `data` ("train", and optionally "val") as configured, resuming from `out_dir` when it holds a checkpoint.
@@ -354,112 +440,87 @@ def train(model: GPT, data: dict[str, Batches], config: TrainConfig, *, tokenize
     is not trained again: the result says `already_finished`.
     """
     check_config(config)
-    device = pick_device(config.device)
-    distributed = world_size() > 1
-    if distributed:
-        device = _setup_distributed(device)
+    rt, distributed = _run_setup(config)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = out_dir / "metrics.jsonl"
     state = read_checkpoint(out_dir, device="cpu") if (out_dir / CHECKPOINT_FILE).exists() else None
     if state is not None and state["step"] >= config.max_steps:
-        last = state.get("last_eval") or {}
-        print(f"{out_dir} already finished at step {state['step']} (max_steps={config.max_steps}): nothing to train. "
-              "Raise max_steps to continue it, or delete the folder to start again.")
-        return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), state["step"], 0.0, 0,
-                           already_finished=True)
+        return _finished(state, out_dir, config)
     # fp64: float32 sums rounded in another order (another rank count, another processor) move a multi-step run by
     # ~1e-6; in float64 that rounding is ~1e-15, so runs that should be equal can be compared tightly
     weights_dtype = torch.float64 if config.precision == "fp64" else None  # None: the weights keep their dtype
-    model = model.to(device, dtype=weights_dtype)
+    model = model.to(rt.device, dtype=weights_dtype)
     model.gradient_checkpointing = config.gradient_checkpointing
-    check_memory(model, config, device)
+    check_memory(model, config, rt.device)
     model.train()
-    trained = _wrap(model, config, device)
-    optimizer = make_optimizer(trained, config, fused=device.type == "cuda")  # after sharding: FSDP replaces the parameters
+    trained = _wrap(model, config, rt.device)
+    optimizer = make_optimizer(trained, config, fused=rt.device.type == "cuda")  # after sharding: FSDP replaces the parameters
     start_step, last = 0, {}
     if state is not None:
         _restore(model, trained, optimizer, state)
         start_step, last = state["step"], state.get("last_eval") or {}
     if config.compile:
         trained = torch.compile(trained)
-    dtype = resolve_precision(config, device)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    frozen = not all(p.requires_grad for p in model.parameters())
-    # forward + backward is 3 forwards; with frozen weights their gradients are skipped, about 2 (as llmnb.budget counts)
-    flops_per_token = (2 if frozen else 3) * model.flops_per_token(min(config.block_size, model.config.block_size))
-    peak = config.peak_flops or peak_flops(device)
-    is_main = rank() == 0
-    fsdp = distributed and config.distributed == "fsdp"
-    trainable_only = frozen and not fsdp  # FSDP gathers the full state from the shards
-    log = metrics_file.open("a") if is_main else None
-
-    def write(record: dict) -> None:
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
+    is_main, fsdp = rank() == 0, distributed and config.distributed == "fsdp"
+    trainable_only = not all(p.requires_grad for p in model.parameters()) and not fsdp  # FSDP gathers the full state from the shards
+    peak = config.peak_flops or peak_flops(rt.device)
+    log = MetricsLog(out_dir / "metrics.jsonl", is_main, _flops_per_token(model, config), peak, rt.device)
     if start_step == 0:
-        write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "peak_flops_assumed": peak, "device": str(device), "world_size": world_size(), "precision": str(weights_dtype or dtype)})
-    from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
-
+        log.write({"event": "start", "config": asdict(config), "params": model.num_params(), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "peak_flops_assumed": peak, "device": str(rt.device), "world_size": world_size(), "precision": str(weights_dtype or rt.dtype)})
     bar = tqdm(range(start_step, config.max_steps), desc="training", unit="step", disable=not (progress and is_main), initial=start_step,
                total=config.max_steps, mininterval=1.0)
     if state is not None:
         set_rng_state(state["rng"])  # last: the set-up above (measuring the peak, say) draws random numbers too
-    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad norm) not yet read back
-    started = interval_start = time.perf_counter()
-    step = done = start_step
-    interval_tokens = total_tokens = 0  # fine-tuning batches are as wide as their longest row: count what was computed
+    started, done, total_tokens = time.perf_counter(), start_step, 0  # fine-tuning rows are as wide as the longest: tokens computed
     for step in bar:
-        loss, grad_norm, tokens = train_step(trained, optimizer, data["train"], step, config, device, amp, scaler)
-        pending.append((step + 1, learning_rate(step, config), loss, grad_norm))
-        interval_tokens += tokens
+        loss, grad_norm, tokens = train_step(trained, optimizer, data["train"], step, config, rt)
+        log.step(step + 1, learning_rate(step, config), loss, grad_norm, tokens)
         total_tokens += tokens
         done = step + 1
         finishing = done == config.max_steps or done == stop_after
         if done % config.log_interval == 0 or finishing:
-            values = torch.stack([torch.stack([l, g.float()]) for _, _, l, g in pending])  # one read-back for the interval
-            if distributed:
-                torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
-            dt = time.perf_counter() - interval_start
-            for (s, lr, _, _), (loss_v, norm_v) in zip(pending, values.tolist()):
-                write({"step": s, "loss": loss_v, "lr": lr, "grad_norm": norm_v})
-            write({"step": done, "event": "speed", "tokens_per_s": interval_tokens / dt,
-                   "mfu": interval_tokens * flops_per_token / dt / peak, "memory_mb": _memory_mb(device)})
-            bar.set_postfix(loss=f"{values[-1, 0].item():.3f}")
-            pending, interval_tokens, interval_start = [], 0, time.perf_counter()
+            bar.set_postfix(loss=f"{log.flush():.3f}")
         if done % config.eval_interval == 0 or done == config.max_steps:
-            last = evaluate(trained, data, config, device, amp)
-            samples = [] if fsdp or tokenizer is None else sample(model, config, tokenizer, device)  # FSDP holds only a shard of each weight
-            evaluation = {"step": done, "event": "eval", **last, "samples": samples}
-            if "val_loss" in last:
-                evaluation["val_perplexity"] = math.exp(last["val_loss"])
-            write(evaluation)
-            if on_eval and is_main:
-                on_eval(evaluation)
-            interval_start = time.perf_counter()  # evaluation is not training time
+            last = _evaluate_and_report(model, trained, data, config, rt, done, tokenizer if not fsdp else None, log,
+                                        on_eval if is_main else None)
         if (config.checkpoint_interval and done % config.checkpoint_interval == 0) or finishing:
-            model_state, optimizer_state = _training_state(model, trained, optimizer, trainable_only)  # every rank takes part under FSDP
-            if is_main:
-                save_checkpoint(out_dir / CHECKPOINT_FILE, model_state, model.config, tokenizer, optimizer=optimizer_state, step=done,
-                                rng=rng_state(), train_config=asdict(config), last_eval=last, trainable_only=trainable_only)
+            _checkpoint(model, trained, optimizer, out_dir, done, tokenizer, config, last, trainable_only)
         if done == stop_after:
             break
-    if log:
-        log.close()
+    log.close()
     if distributed:
         torch.distributed.barrier()
-    return TrainResult(out_dir, metrics_file, last.get("train_loss", math.nan), last.get("val_loss", math.nan), done,
+    return TrainResult(out_dir, out_dir / "metrics.jsonl", last.get("train_loss", math.nan), last.get("val_loss", math.nan), done,
                        time.perf_counter() - started, total_tokens)
+
+
+def _evaluate_and_report(model: GPT, trained: torch.nn.Module, data: dict[str, Batches], config: TrainConfig, rt: Runtime, step: int,
+                         tokenizer, log: MetricsLog, on_eval: Callable[[dict], None] | None) -> dict[str, float]:
+    """Losses on fixed batches of every split and, with a tokenizer, samples (not under FSDP: a rank holds a shard of each weight)."""
+    losses = evaluate(trained, data, config, rt)
+    record = {"step": step, "event": "eval", **losses, "samples": sample_texts(model, tokenizer, config) if tokenizer is not None else []}
+    if "val_loss" in losses:
+        record["val_perplexity"] = math.exp(losses["val_loss"])
+    log.write(record)
+    if on_eval is not None:
+        on_eval(record)
+    log.restart()
+    return losses
+
+
+def _checkpoint(model: GPT, trained: torch.nn.Module, optimizer, out_dir: Path, step: int, tokenizer, config: TrainConfig, last: dict,
+                trainable_only: bool) -> None:
+    """The run's state at `step` (every rank takes part under FSDP; rank 0 writes it)."""
+    model_state, optimizer_state = _training_state(model, trained, optimizer, trainable_only)
+    if rank() == 0:
+        save_checkpoint(out_dir / CHECKPOINT_FILE, model_state, model.config, tokenizer, optimizer=optimizer_state, step=step,
+                        rng=rng_state(), train_config=asdict(config), last_eval=last, trainable_only=trainable_only)
 
 
 def _memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6
-    import psutil
 
     return psutil.Process().memory_info().rss / 1e6
 
@@ -469,15 +530,13 @@ def _memory_mb(device: torch.device) -> float:
 
 def data_tokenizer(data_dir: str | Path):
     """The tokenizer of a token folder: llmnb's CharTokenizer, or the BPE tokenizer.json as a `PreTrainedTokenizerFast`."""
-    from .tokenizer import BPETokenizer, CharTokenizer
-
     meta, path = read_meta(data_dir), Path(data_dir)
     if meta.tokenizer_kind == "char":
         return CharTokenizer.load(path / meta.tokenizer_file)
     return bpe_as_hf(BPETokenizer.from_hf_json(path / meta.tokenizer_file))
 
 
-def build_model(config: TrainConfig, vocab_size: int) -> GPT:
+def build_model(config: PretrainConfig, vocab_size: int) -> GPT:
     """A new GPT with the configured sizes (seeded), or the weights of `init_from` (then its sizes)."""
     if config.init_from is None:
         torch.manual_seed(config.seed)
@@ -493,7 +552,7 @@ def build_model(config: TrainConfig, vocab_size: int) -> GPT:
     return model.train()
 
 
-def pretrain(config: TrainConfig, on_eval: Callable[[dict], None] | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
+def pretrain(config: PretrainConfig, on_eval: Callable[[dict], None] | None = None, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train on the token windows of `data_dir`, then (at the end, with `save_hf`) export a Hugging Face folder to `out_dir/hf`."""
     meta = read_meta(config.data_dir)
     if config.save_hf and meta.tokenizer_kind == "char":
@@ -514,34 +573,6 @@ def pretrain(config: TrainConfig, on_eval: Callable[[dict], None] | None = None,
         result.hf_dir = result.out_dir / "hf"
         to_hf(final, result.hf_dir, tokenizer_from_state(state["tokenizer"]))
     return result
-
-
-PRETRAINED = "llmnb-shakespeare"  # notebook 03's model, where later notebooks look for it
-
-
-def prepare_pretrained(steps: int = 300, vocab_size: int = 4096, force: bool = False) -> Path:
-    """`outputs/models/llmnb-shakespeare`: notebook 03's model when it ran; otherwise a short run of the same recipe here.
-
-    For a later notebook run alone (on Colab, say): a 4-layer, 128-wide GPT-2 on the
-    Shakespeare BPE tokens, `steps` steps (about a minute on a laptop CPU at 300).
-    """
-    import shutil
-
-    from .data import prepare_token_dataset
-    from .paths import outputs_dir, write_atomic
-
-    target = outputs_dir("models") / PRETRAINED
-    config_file = target / "config.json"
-    # a model another preset trained (the smoke tests' small vocabulary, say) is trained again, not taken for this one
-    if config_file.exists() and not force and json.loads(config_file.read_text()).get("vocab_size") == vocab_size:
-        return target
-    run = outputs_dir("pretrain", "prepared")
-    shutil.rmtree(run, ignore_errors=True)
-    config = TrainConfig(data_dir=str(prepare_token_dataset("bpe", vocab_size=vocab_size)), out_dir=str(run), n_layer=4, n_head=4, n_embd=128,
-                         block_size=128, batch_size=16, max_steps=steps, warmup_steps=max(1, steps // 20), lr=2e-3, min_lr=2e-4,
-                         eval_interval=steps, eval_batches=2, checkpoint_interval=0, sample_tokens=0)
-    result = pretrain(config, progress=False)
-    return write_atomic(target, lambda tmp: shutil.copytree(result.hf_dir, tmp))
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -584,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     except json.JSONDecodeError as exc:
         parser.error(f"--config {args.config} is not valid JSON: {exc}")
     values.update(parse_settings(args.set))
-    result = pretrain(TrainConfig.from_dict(values), stop_after=args.stop_after)
+    result = pretrain(PretrainConfig.from_dict(values), stop_after=args.stop_after)
     if rank() == 0:
         print(json.dumps({"steps": result.steps, "train_loss": result.final_train_loss, "val_loss": result.final_val_loss,
                           "seconds": round(result.seconds, 2), "tokens": result.tokens, "hf_dir": str(result.hf_dir) if result.hf_dir else None}))

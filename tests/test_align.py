@@ -269,10 +269,10 @@ def test_a_reward_of_the_wrong_shape_or_nan_stops_the_run_naming_the_batch(tiny_
 def test_kl_past_its_bound_stops_the_run_and_says_what_to_lower(tiny_base, chat_tokenizer):
     _, base = tiny_base
     policy = adapted(base)
-    config = align.RLConfig(prompts_per_step=2, max_new_tokens=4, max_kl=-1e9, epochs=1, minibatches=1)
+    config = align.RLConfig(method="ppo", prompts_per_step=2, max_new_tokens=4, max_kl=-1e9, epochs=1, minibatches=1)
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        align.new_state(copy.deepcopy(base), chat_tokenizer, config, value_head=True)
-    state = align.new_state(policy, chat_tokenizer, config, value_head=True)
+        align.new_state(copy.deepcopy(base), chat_tokenizer, config)
+    state = align.new_state(policy, chat_tokenizer, config)
     examples = [Example("What is 1 + 1?", "2", "2", system=ARITHMETIC_SYSTEM)] * 2
     with pytest.raises(RuntimeError, match="lower lr .* or raise kl_coef"):
         align.train_rl(state, examples, align.verifier_reward, config, progress=False)

@@ -1,15 +1,18 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from llmnb import budget
-from llmnb.model import GPTConfig, hf_config
+from llmnb import budget, hardware, measure
+from llmnb.hf_bridge import hf_config
+from llmnb.model import GPTConfig
 
 TINY_GPT2 = budget.gpt2_shape("tiny-gpt2", n_layer=2, d_model=64, n_head=4, vocab_size=500, context=32)
 TINY_LLAMA = budget.ModelShape("tiny-llama", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=160, vocab_size=500)
 
 
-@pytest.mark.parametrize("shape", [TINY_GPT2, TINY_LLAMA, budget.replace(TINY_LLAMA, tied_embeddings=True)], ids=lambda s: f"{s.name}-tied{s.tied_embeddings}")
+@pytest.mark.parametrize("shape", [TINY_GPT2, TINY_LLAMA, replace(TINY_LLAMA, tied_embeddings=True)], ids=lambda s: f"{s.name}-tied{s.tied_embeddings}")
 def test_parameter_count_matches_transformers(shape):
     model = AutoModelForCausalLM.from_config(hf_config(GPTConfig.from_shape(shape)))
     assert sum(p.numel() for p in model.parameters()) == shape.n_params
@@ -59,8 +62,8 @@ def test_gradient_checkpointing_and_flash_attention_cut_activations():
     shape = budget.CATALOG["gpt2-124M"]
     plain = budget.Setup(seq_len=1024, flash_attention=False)
     base = budget.estimate_memory(shape, plain).activations
-    assert budget.estimate_memory(shape, budget.replace(plain, flash_attention=True)).activations < base
-    assert budget.estimate_memory(shape, budget.replace(plain, gradient_checkpointing=True)).activations < base
+    assert budget.estimate_memory(shape, replace(plain, flash_attention=True)).activations < base
+    assert budget.estimate_memory(shape, replace(plain, gradient_checkpointing=True)).activations < base
 
 
 def test_training_flops_follow_6n_and_time_follows_throughput():
@@ -100,21 +103,21 @@ def test_measured_training_peak_is_close_to_the_estimate():
     # big enough that the runtime's fixed costs (tens of MB) do not dominate; benchmarks/budget_memory.py sweeps more
     shape = budget.gpt2_shape("m", n_layer=4, d_model=256, n_head=4, vocab_size=8192, context=256)
     setup = budget.Setup(method="pretrain", batch=8, seq_len=256, precision="fp32")
-    measured = budget.measure_training_memory(shape, setup, steps=2)
+    measured = measure.measure_training_memory(shape, setup, steps=2)
     assert measured["params"] == shape.n_params
     assert 0.8 < measured["peak_bytes"] / budget.estimate_memory(shape, setup).total < 1.4
     with pytest.raises(ValueError, match="fp32 training only"):
-        budget.measure_training_memory(shape, budget.Setup(method="lora"))
+        measure.measure_training_memory(shape, budget.Setup(method="lora"))
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA A10G", 70e12), ("NVIDIA A10", 125e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
                                         ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("Tesla T4", 65e12), ("NVIDIA H200", 989e12)])
 def test_gpu_peaks_match_the_most_specific_name(name, peak):
-    assert budget.gpu_peak_flops(name) == peak
+    assert hardware.gpu_peak_flops(name) == peak
 
 
 def test_an_unknown_gpu_has_no_datasheet_peak():
-    assert budget.gpu_peak_flops("Some Future GPU") is None
+    assert hardware.gpu_peak_flops("Some Future GPU") is None
 
 
 def tensor_bytes(tensors) -> int:
@@ -149,7 +152,7 @@ def test_a_lora_step_is_measured_smaller_than_full_fine_tuning_and_near_its_esti
     measured, estimates = {}, {}
     for method in ("full_finetune", "lora"):
         setup = budget.Setup(method=method, batch=4, seq_len=64, precision="fp32", lora_rank=8, lora_targets=("q", "v"))
-        measured[method] = budget.measure_training_memory(shape, setup, steps=2)["peak_bytes"]
+        measured[method] = measure.measure_training_memory(shape, setup, steps=2)["peak_bytes"]
         estimates[method] = budget.estimate_memory(shape, setup).total
     # no gradients or AdamW moments for the frozen weights: estimated 0.46x; measured 0.54-0.60x over four runs (peak
     # resident memory moves with the allocator), and ~0.72x if the frozen weights' gradients were kept

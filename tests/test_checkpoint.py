@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmnb import checkpoint
+from llmnb import assets, checkpoint
 from llmnb.generate import generate
-from llmnb.model import GPT, GPTConfig, to_hf
+from llmnb.hf_bridge import to_hf
+from llmnb.model import GPT, GPTConfig
 from llmnb.tokenizer import ENDOFTEXT, CharTokenizer, train_bpe
 
 
@@ -79,14 +80,14 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, bpe):
 
 
 def test_folders_that_are_not_models_are_refused(tmp_path, bpe):
-    assert checkpoint.resolve_model(str(checkpoint.prepare_smollm2())) == str(checkpoint.prepare_smollm2())
-    with pytest.raises(checkpoint.ModelNotFound, match="no config.json"):
+    assert checkpoint.resolve_model(str(assets.prepare_smollm2())) == str(assets.prepare_smollm2())
+    with pytest.raises(assets.ModelNotFound, match="no config.json"):
         checkpoint.resolve_model(str(tmp_path))
-    with pytest.raises(checkpoint.ModelNotFound, match="no model folder"):
+    with pytest.raises(assets.ModelNotFound, match="no model folder"):
         checkpoint.resolve_model(str(tmp_path / "missing"))
     model = GPT(GPTConfig.gpt2(vocab_size=bpe.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
     to_hf(model).save_pretrained(tmp_path / "no-tokenizer")  # what a careless script leaves: AutoTokenizer would load it empty
-    with pytest.raises(checkpoint.ModelNotFound, match="no tokenizer"):
+    with pytest.raises(assets.ModelNotFound, match="no tokenizer"):
         checkpoint.load(tmp_path / "no-tokenizer")
     with pytest.raises(FileNotFoundError, match="no llmnb checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
@@ -94,17 +95,17 @@ def test_folders_that_are_not_models_are_refused(tmp_path, bpe):
 
 def test_uncached_hub_id_offline_fails_fast_with_the_alternatives():
     start = time.perf_counter()
-    with pytest.raises(checkpoint.ModelNotFound, match="smollm2-135m-instruct"):
+    with pytest.raises(assets.ModelNotFound, match="smollm2-135m-instruct"):
         checkpoint.load("someone/never-downloaded-model")
     assert time.perf_counter() - start < 5
 
 
 def test_the_tiny_chat_stand_in_has_smollm2s_tokenizer_and_leaves_the_random_stream_alone():
     state = torch.random.get_rng_state()
-    checkpoint.prepare_tiny_chat(force=True)
+    assets.prepare_tiny_chat(force=True)
     assert torch.equal(torch.random.get_rng_state(), state)
-    model, tokenizer = checkpoint.load(checkpoint.TINY_CHAT)
-    smol = AutoTokenizer.from_pretrained(checkpoint.prepare_smollm2())
+    model, tokenizer = checkpoint.load(assets.TINY_CHAT)
+    smol = AutoTokenizer.from_pretrained(assets.prepare_smollm2())
     assert tokenizer.chat_template == smol.chat_template and len(tokenizer) == len(smol) == model.config.vocab_size
     assert model.config.n_layer == 2 and model.config.eos_token_id == smol.eos_token_id
 

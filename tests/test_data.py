@@ -2,6 +2,7 @@ import hashlib
 import time
 
 import pytest
+import torch
 
 from llmnb import data
 
@@ -202,7 +203,7 @@ def test_token_dataset_round_trips_through_meta_json_with_the_right_dtype(tmp_pa
         data.write_token_file([5], tmp_path / "bad.bin", vocab_size=5)
     with pytest.raises(ValueError, match="does not hold a vocabulary of 100000"):
         data.TokenMeta(100_000, "bpe", "uint16")
-    with pytest.raises(FileNotFoundError, match="prepare_token_dataset"):
+    with pytest.raises(FileNotFoundError, match=r"artifacts.ensure\('tokens'\)"):
         data.read_meta(tmp_path / "nothing")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "meta.json").write_text('{"vocab_size": 10, "tokenizer": "tokenizer.json"}')
@@ -228,3 +229,11 @@ def test_prompt_masked_pairs_learn_only_the_response_padded_or_packed():
         data.PairBatches([pairs[2], pairs[1]], block_size=2, seed=0)
     with pytest.raises(ValueError, match="pair 0 has an empty response"):
         data.PairBatches([([1], [])], block_size=8, seed=0)
+
+
+def test_rows_are_padded_on_the_side_asked_with_a_mask_of_the_real_tokens():
+    ids, mask = data.pad_rows([[5, 6, 7], [8]], pad=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = data.pad_rows([[5, 6, 7], [8]], pad=-100)
+    assert ids.tolist() == [[5, 6, 7], [8, -100, -100]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == torch.long

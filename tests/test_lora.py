@@ -6,7 +6,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from llmnb import lora
 from llmnb.checkpoint import load, load_hf
-from llmnb.model import GPT, GPTConfig, to_hf
+from llmnb.hf_bridge import hf_module_name, to_hf
+from llmnb.model import GPT, GPTConfig
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -29,7 +30,7 @@ def copy_into_peft(ours, peft_model) -> None:
     modules = dict(peft_model.named_modules())
     with torch.no_grad():
         for name, layer in lora.adapters(ours).items():
-            target = modules[f"base_model.model.{lora._hf_module(ours.config, name)}"]
+            target = modules[f"base_model.model.{hf_module_name(ours.config, name)}"]
             target.lora_A["default"].weight.copy_(layer.lora_A)
             target.lora_B["default"].weight.copy_(layer.lora_B)
 
@@ -81,7 +82,7 @@ def test_logits_and_gradients_equal_peft_on_smollm2(smollm2_pair):
     their_loss.backward()
     modules = dict(theirs.named_modules())
     for name, layer in lora.adapters(ours).items():
-        target = modules[f"base_model.model.{lora._hf_module(ours.config, name)}"]
+        target = modules[f"base_model.model.{hf_module_name(ours.config, name)}"]
         torch.testing.assert_close(layer.lora_A.grad, target.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(layer.lora_B.grad, target.lora_B["default"].weight.grad, atol=1e-5, rtol=1e-4)
     assert lora.count_parameters(ours)["trainable"] == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
@@ -110,7 +111,7 @@ def test_a_few_optimizer_steps_leave_the_same_weights_as_peft():
             opt.zero_grad()
     modules = dict(theirs.named_modules())
     for name, layer in lora.adapters(ours).items():
-        target = modules[f"base_model.model.{lora._hf_module(ours.config, name)}"]
+        target = modules[f"base_model.model.{hf_module_name(ours.config, name)}"]
         assert layer.lora_A.dtype == torch.float64
         torch.testing.assert_close(layer.lora_A, target.lora_A["default"].weight, atol=1e-10, rtol=0)
         torch.testing.assert_close(layer.lora_B, target.lora_B["default"].weight, atol=1e-10, rtol=0)

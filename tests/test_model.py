@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmnb import hf_bridge as B
 from llmnb import model as M
 from llmnb.checkpoint import resolve_model
 from llmnb.generate import generate
@@ -16,10 +17,10 @@ def test_logits_match_transformers(pair):
 
 def test_round_trip_through_a_saved_folder(pair, tmp_path):
     ours, _ = pair
-    M.to_hf(ours, tmp_path, tokenizer=_tokenizer())
+    B.to_hf(ours, tmp_path, tokenizer=_tokenizer())
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    back = M.from_hf(str(tmp_path))
+    back = B.from_hf(str(tmp_path))
     x = torch.randint(0, 320, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, ours(x)[0], atol=1e-5, rtol=0)
@@ -65,7 +66,7 @@ def test_bad_lengths_and_configs_raise_clear_errors(pair):
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         M.GPTConfig.from_dict({"n_layer": 2, "n_experts": 8})
     with pytest.raises(ValueError, match="needs the tokenizer"):
-        M.to_hf(ours, "/tmp/never-written")
+        B.to_hf(ours, "/tmp/never-written")
 
 
 def test_init_scales_residual_projections():
@@ -82,7 +83,7 @@ def smollm2():
 
     path = resolve_model("smollm2-135m-instruct")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return M.from_hf(hf), hf, AutoTokenizer.from_pretrained(path)
+    return B.from_hf(hf), hf, AutoTokenizer.from_pretrained(path)
 
 
 @pytest.mark.cpu_paths
@@ -144,14 +145,14 @@ def test_hf_refusals_name_what_is_not_supported():
     from transformers import GPT2Config, LlamaConfig, MistralConfig
 
     with pytest.raises(ValueError, match="tanh GELU only"):
-        M.config_from_hf(GPT2Config(n_layer=1, n_head=2, n_embd=32, activation_function="gelu"))
+        B.config_from_hf(GPT2Config(n_layer=1, n_head=2, n_embd=32, activation_function="gelu"))
     with pytest.raises(ValueError, match="RoPE scaling 'linear'"):
-        M.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        B.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
     with pytest.raises(ValueError, match="head_dim"):
-        M.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, head_dim=8, intermediate_size=64))
+        B.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, head_dim=8, intermediate_size=64))
     with pytest.raises(ValueError, match="model type 'mistral'"):
-        M.config_from_hf(MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
+        B.config_from_hf(MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
 
 
 def test_adapters_from_peft_work_with_the_decoding_layout_and_gradient_checkpointing():
@@ -190,7 +191,7 @@ def test_gpt2_matches_a_model_transformers_built_itself_where_gelu_variants_diff
     with torch.no_grad():
         for block in hf.transformer.h:
             block.mlp.c_fc.weight.normal_(0, 0.5)
-    ours = M.from_hf(hf)
+    ours = B.from_hf(hf)
     x = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         theirs = hf(x).logits

@@ -47,7 +47,7 @@ def test_every_install_cell_installs_from_the_address_in_the_package_metadata():
     for path in NOTEBOOKS:
         cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code").source
         assert re.search(r'os\.environ\.get\("LLMNB_SOURCE", "git\+([^"]+)"\)', cell).group(1) == source, path.name
-        assert 'f"llmnb @ {source}"' in cell, f"{path.name}: the install uses the LLMNB_SOURCE override"
+        assert 'f"llmnb[notebooks] @ {source}"' in cell, f"{path.name}: the install uses the LLMNB_SOURCE override"
 
 
 def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_install(tmp_path):

@@ -18,7 +18,7 @@ import urllib.request
 import httpx
 import pytest
 
-from llmnb.checkpoint import TINY_CHAT
+from llmnb.assets import TINY_CHAT
 from llmnb.serve import local_server
 
 KEY = "test-key-123"

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from llmnb.serve.app import ReplyText
+from llmnb.serve.streaming import ReplyText
 from llmnb.serve.moderation import Batched, ProfanityFilter, flagged, make_filter
 from llmnb.serve.scheduler import Token
 
@@ -12,7 +12,7 @@ from llmnb.serve.scheduler import Token
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from llmnb.checkpoint import prepare_tiny_chat
+    from llmnb.assets import prepare_tiny_chat
 
     return AutoTokenizer.from_pretrained(prepare_tiny_chat())
 

@@ -86,23 +86,30 @@ def test_background_thread_serves_and_stops(model):
     assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
 
 
-def test_decoding_layout_computes_what_the_model_does(model):
+def test_the_decoding_layout_keeps_a_tied_head_tied_and_copies_no_weight(model):
     import copy
 
-    from llmnb.serve.scheduler import DecodeLinear, layout_for_decoding
+    tied = GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, tie_embeddings=True)).eval()
+    for original in (model, tied):
+        laid_out = copy.deepcopy(original)
+        stored = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in laid_out.parameters()}
+        laid_out.for_decoding()
+        after = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in laid_out.parameters()}
+        assert sum(after.values()) == sum(stored.values()), "no weight is stored twice"
+        assert laid_out.lm_head.weight.t().is_contiguous() and laid_out.blocks[0].mlp.down_proj.weight.t().is_contiguous()
+        x = torch.randint(0, 97, (3, 9))
+        assert torch.allclose(laid_out(x)[0], original(x)[0], atol=1e-5)
+        assert alone(laid_out, [4, 5, 6], 8, temperature=0) == alone(original, [4, 5, 6], 8, temperature=0)
+    assert laid_out.lm_head.weight is laid_out.wte.weight
 
-    laid_out = layout_for_decoding(copy.deepcopy(model))
-    assert sum(isinstance(m, DecodeLinear) for m in laid_out.modules()) == 2 * 7 + 1  # q k v o gate up down per layer, and the head
-    x = torch.randint(0, 97, (3, 9))
-    assert torch.allclose(laid_out(x)[0], model(x)[0], atol=1e-5)
-    assert alone(laid_out, [4, 5, 6], 8, temperature=0) == alone(model, [4, 5, 6], 8, temperature=0)
 
 
 def test_a_served_adapter_is_merged_onto_its_base(tmp_path):
     """`llmnb serve BASE --adapter DIR`: the served model computes what the base with that adapter computes."""
     from llmnb import lora
-    from llmnb.checkpoint import TINY_CHAT, load, prepare_tiny_chat
-    from llmnb.serve.app import Served, ServeConfig
+    from llmnb.assets import TINY_CHAT, prepare_tiny_chat
+    from llmnb.checkpoint import load
+    from llmnb.serve.served import Served, ServeConfig
 
     base_dir = prepare_tiny_chat()
     tuned, _ = load(base_dir)

@@ -137,15 +137,3 @@ def test_full_fine_tuning_under_fsdp_writes_a_model_transformers_loads(tiny_base
     chat = pipeline("text-generation", model=str(tmp_path / "full" / "model"))
     reply = chat([{"role": "user", "content": "Say 3"}], max_new_tokens=3, do_sample=False)
     assert reply[0]["generated_text"][-1]["role"] == "assistant"
-
-
-def test_prepare_tuned_writes_the_model_once_per_base_and_records_which_base():
-    from llmnb.checkpoint import TINY_CHAT, load, resolve_model
-
-    folder = sft.prepare_tuned(TINY_CHAT, steps=1, n_train=16, n_dialogue=8, batch_size=4, force=True)
-    assert folder.name == f"{TINY_CHAT}-sft" and sft.tuned_base(folder) == TINY_CHAT
-    assert sft.tuned_folder(resolve_model("smollm2-135m-instruct")).name == sft.TUNED
-    written = (folder / "model.safetensors").stat().st_mtime_ns
-    assert sft.prepare_tuned(TINY_CHAT, steps=1) == folder and (folder / "model.safetensors").stat().st_mtime_ns == written
-    model, tokenizer = load(folder)
-    assert len(tokenizer) > 1000 and not any("lora" in name for name, _ in model.named_parameters())

@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 def config(data_dir, out_dir, **overrides):
     values = dict(data_dir=str(data_dir), out_dir=str(out_dir), n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
                   max_steps=12, warmup_steps=3, eval_interval=6, eval_batches=2, checkpoint_interval=0, sample_tokens=8, seed=3, log_interval=1)
-    return train.TrainConfig(**{**values, **overrides})
+    return train.PretrainConfig(**{**values, **overrides})
 
 
 def metrics(out_dir, field="loss"):
@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_logs_metrics_and_saves_a_loadable_model(data_d
     trained = unigram_score(tokenizer.encode(evals[-1]["samples"][0])[prompt:], counts)
     torch.manual_seed(0)
     untrained = GPT(train.model_config(config(data_dir, tmp_path), 320))
-    fresh = unigram_score(tokenizer.encode(train.sample(untrained, config(data_dir, tmp_path, sample_tokens=24), tokenizer, "cpu")[0])[prompt:], counts)
+    fresh = unigram_score(tokenizer.encode(train.sample_texts(untrained, tokenizer, config(data_dir, tmp_path, sample_tokens=24))[0])[prompt:], counts)
     assert trained > fresh + 1.0, f"trained samples ({trained:.2f}) should use far more common tokens than an untrained model's ({fresh:.2f})"
     from transformers import pipeline
 
@@ -260,8 +260,8 @@ def test_impossible_configurations_are_refused_before_training(data_dir, tmp_pat
 
 
 def test_missing_data_unknown_settings_and_bad_config_files_say_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare_token_dataset"):
-        train.pretrain(train.TrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")), progress=False)
+    with pytest.raises(FileNotFoundError, match=r"artifacts.ensure\('tokens'\)"):
+        train.pretrain(train.PretrainConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "o")), progress=False)
     with pytest.raises(ValueError, match="unknown training settings"):
         train.TrainConfig.from_dict({"learning_rate": 1})
     bad = tmp_path / "run.json"
@@ -316,20 +316,3 @@ def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve(
     lora.attach(other, ["q_proj"], r=4, alpha=8)
     with pytest.raises(ValueError, match="not the ones that train now"):
         train.train(other, batches, config(data_dir, tmp_path / "resumed", **{**settings, "max_steps": 12}), progress=False)
-
-
-def test_prepare_pretrained_finds_notebook_03s_model_or_trains_the_recipe_when_missing(tmp_path, monkeypatch):
-    from llmnb import train
-    from llmnb.checkpoint import load
-
-    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
-    folder = train.prepare_pretrained(steps=3, vocab_size=300)
-    model, tokenizer = load(folder)
-    assert folder.name == "llmnb-shakespeare" and model.config.n_embd == 128 and len(tokenizer) <= model.config.vocab_size
-    stamp = (folder / "config.json").stat().st_mtime_ns
-    assert train.prepare_pretrained(steps=3, vocab_size=300) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
-    from llmnb import data
-
-    again = train.prepare_pretrained(steps=3, vocab_size=320)  # another preset: its own token files and model
-    assert data.read_meta(data.prepare_token_dataset("bpe", vocab_size=320)).vocab_size == 320
-    assert load(again)[0].config.vocab_size == 320, "a model of another vocabulary is not taken for this one"

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 
 def free_port() -> int:
@@ -64,16 +68,12 @@ class ServerProcess:
         return self.process.returncode
 
     def rss_bytes(self) -> int:
-        import psutil
-
         return psutil.Process(self.process.pid).memory_info().rss
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: Linux sends it SIGTERM when the process that started it dies (a killed kernel too)."""
     if sys.platform == "linux":
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -132,8 +132,6 @@ def llama_cpp_process(gguf: str | Path, **kwargs):
 
 def serve_gguf(path: str | Path, port: int, n_parallel: int, context: int, threads: int | None, host: str = "127.0.0.1") -> int:
     """Run llama.cpp's server (continuous batching, /metrics) on `path` until SIGTERM or SIGINT."""
-    import threading
-
     import xllamacpp
 
     if not Path(path).is_file():
@@ -157,31 +155,3 @@ def serve_gguf(path: str | Path, port: int, n_parallel: int, context: int, threa
     stop.wait()
     del server
     return 0
-
-
-def served_model(base: str = "smollm2-135m-instruct") -> Path:
-    """The collection's latest model of `base`: notebook 05's aligned one, else notebook 04's tuned one, else the base itself."""
-    from ..align import aligned_folder
-    from ..checkpoint import resolve_model
-    from ..sft import tuned_folder
-
-    base_dir = Path(resolve_model(base))
-    for folder in (aligned_folder(base_dir), tuned_folder(base_dir)):
-        if (folder / "config.json").is_file():
-            return folder
-    return base_dir
-
-
-def served_gguf(model: str | Path, qtype: str = "F16") -> Path:
-    """The same model as a GGUF file for llama.cpp, outputs/gguf/<name>.<qtype>.gguf, written when missing or older than the model."""
-    from ..checkpoint import load, resolve_model
-    from ..gguf import write_gguf
-    from ..paths import outputs_dir
-
-    folder = Path(resolve_model(str(model)))
-    path = outputs_dir("gguf") / f"{folder.name}.{qtype}.gguf"
-    weights = max((p.stat().st_mtime for p in folder.glob("*.safetensors")), default=0.0)
-    if path.is_file() and path.stat().st_mtime >= weights:
-        return path
-    full, tokenizer = load(folder)
-    return write_gguf(full, tokenizer, path, qtype)

@@ -9,7 +9,11 @@ a text whose probability reaches `threshold`. Two ship:
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+from transformers import pipeline
 
 Filter = Callable[[Sequence[str]], list[float]]
 
@@ -43,8 +47,6 @@ class TransformersFilter:
     """A `transformers` text-classification model; `label` is the class that means unacceptable."""
 
     def __init__(self, model: str, label: str = "toxic", threshold: float = 0.5):
-        from transformers import pipeline
-
         self.name, self.label, self.threshold = model, label, threshold
         self._pipe = pipeline("text-classification", model=model, top_k=None)
         labels = set(self._pipe.model.config.id2label.values())
@@ -94,8 +96,6 @@ class Batched:
         is loaded and gives the Batched filter (None for 'none'). The server loads its model meanwhile."""
         if spec == "none":
             return lambda: None
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                    initargs=(spec, threshold))

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from ..data import pad_rows
 from ..generate import sample
 from ..model import GPT, KVCache
 
@@ -123,35 +123,6 @@ class _RowsStep:
         self.cache.values[layer][rows, :, self.positions] = v[:, :, 0]
         end = self.length + 1
         return self.cache.keys[layer][:self.n, :, :end], self.cache.values[layer][:self.n, :, :end]
-
-
-class DecodeLinear(nn.Module):
-    """nn.Linear with its weight stored transposed, (in, out), and multiplied as x @ W.
-
-    The same numbers in another layout: at the few rows a decoding step has (1 to 32), PyTorch's
-    CPU F.linear(x, W) runs 2-4x slower than x @ W on the pre-transposed matrix (measured in
-    tests/test_serve_scheduler.py's neighbour, benchmarks/serve.py); at prefill sizes they tie.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # (in, out)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
-
-
-def layout_for_decoding(model: nn.Module) -> nn.Module:
-    """Every plain nn.Linear of a CPU model becomes a DecodeLinear (quantized and LoRA layers are left as they are)."""
-    if next(model.parameters()).device.type != "cpu":
-        return model
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, child_name, DecodeLinear(child))
-    return model
 
 
 class Scheduler:
@@ -263,12 +234,9 @@ class Scheduler:
     def _prefill(self, seqs: list[Sequence]) -> None:
         """All admitted prompts in one forward pass (a matrix product over many tokens runs far faster per token than
         one over a few), right-padded: causal attention never lets a real token see the padding after it."""
-        longest = max(len(seq.prompt) for seq in seqs)
         device = self.cache.lengths.device
-        ids = torch.zeros(len(seqs), longest, dtype=torch.long, device=device)  # (b, T)
-        for i, seq in enumerate(seqs):
-            ids[i, :len(seq.prompt)] = torch.tensor(seq.prompt, device=device)
-        prefill = KVCache(self.model.config, len(seqs), longest, device, self.cache.keys[0].dtype)
+        ids = pad_rows([seq.prompt for seq in seqs], 0)[0].to(device)  # (b, T)
+        prefill = KVCache(self.model.config, len(seqs), ids.shape[1], device, self.cache.keys[0].dtype)
         hidden = self.model.hidden_states(ids, cache=prefill)  # (b, T, C)
         last = torch.tensor([len(seq.prompt) - 1 for seq in seqs], device=device)
         logits = self.model.lm_head(hidden[torch.arange(len(seqs)), last]).float()  # (b, vocab): each prompt's last token

@@ -1,0 +1,81 @@
+"""The model a server serves, and what serving it needs: loaded on a thread while /health says 503."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import load
+from ..lora import load_adapter, merge_and_unload
+from .metrics import Metrics
+from .moderation import Batched
+from .scheduler import Scheduler
+
+
+@dataclass
+class ServeConfig:
+    model: str
+    adapter: str | None = None
+    name: str | None = None  # the id clients send as "model"; default: the folder's or registry name
+    api_key: str | None = None
+    max_batch: int = 8  # 1 = batching off
+    context: int | None = None  # tokens per request, prompt + reply; default: the model's, at most 2048
+    max_waiting: int = 64
+    max_body_bytes: int = 1 << 20
+    moderation: str = "profanity"
+    moderation_threshold: float | None = None
+
+
+class Served:
+    """The loaded model and what serving it needs; filled by a background thread while /health says 503."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.name = config.name or Path(config.model.rstrip("/")).name
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.metrics = Metrics()
+
+    def load(self) -> None:
+        """Load the model (merging an adapter), start the filter and the scheduler; then /health says ok."""
+        filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
+        model, tokenizer = load(self.config.model)
+        if self.config.adapter:
+            load_adapter(model, self.config.adapter, expect_base=self.config.model)
+            model = merge_and_unload(model)  # serve at the base model's speed
+        model.for_decoding()  # the tied head stays tied: no second copy of the embedding
+        self.model, self.tokenizer = model, tokenizer
+        self.hf = hasattr(tokenizer, "apply_chat_template")
+        self.chat_template = bool(getattr(tokenizer, "chat_template", None))
+        eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
+        self.stop_ids = frozenset(i for i in eos if i is not None)
+        self.filter = filter_loaded()
+        self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
+                                   self.config.max_waiting, self.metrics).start()
+        self.ready.set()
+
+    def load_in_background(self, on_error: Callable[[str], None] | None = None) -> threading.Thread:
+        """Load on a thread; a failure is kept for /health (503 with the reason) and handed to `on_error` (the CLI exits)."""
+        def run() -> None:
+            try:
+                self.load()
+            except Exception as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                if on_error is not None:
+                    on_error(self.load_error)
+
+        thread = threading.Thread(target=run, name="llmnb-load", daemon=True)
+        thread.start()
+        return thread
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.hf else self.tokenizer.decode(ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id])
