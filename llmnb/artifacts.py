@@ -104,6 +104,12 @@ def scratch_dir(name: str) -> Path:
     return folder
 
 
+def _portable(where: str | Path) -> str:
+    """A path under outputs/ relative to it (a moved checkout keeps its records valid), any other path as it is."""
+    where = Path(where).resolve()
+    return where.relative_to(outputs_root().resolve()).as_posix() if where.is_relative_to(outputs_root().resolve()) else str(where)
+
+
 def _record_file(where: Path) -> Path:
     return where / PROVENANCE if where.suffix != ".gguf" else where.with_name(where.name + "." + PROVENANCE)
 
@@ -127,7 +133,7 @@ def save(kind: str, write: Callable[[Path], object], *, preset: str, recipe: dic
     target = path(kind, **names)
     up = provenance(parent) if parent is not None else None
     record = {"kind": kind, "names": _names(names, kind), "preset": resolve_preset(preset), "recipe": recipe or {},
-              "parent": None if parent is None else {"path": str(parent), "id": up["id"] if up else None},
+              "parent": None if parent is None else {"path": _portable(parent), "id": up["id"] if up else None},
               "llmnb": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "id": uuid.uuid4().hex}
     text = json.dumps(record, indent=1, default=str)
     if target.suffix == ".gguf":  # a file: the record beside it, written after it (a file without one is rebuilt)
@@ -151,10 +157,16 @@ def find(kind: str, preset: str, settings: dict | None = None, **names: Any) -> 
         return None
     if any(record["recipe"].get(k) != v for k, v in (settings or {}).items()):
         return None
+    return target if _current(record) else None
+
+
+def _current(record: dict) -> bool:
+    """Whether what a record was made from is still what is on disk, all the way up (an aligned model's adapter's base)."""
     parent = record.get("parent")
-    if parent and parent["id"] is not None and (provenance(parent["path"]) or {}).get("id") != parent["id"]:
-        return None  # made from a model that has been written again since
-    return target
+    if not parent or parent["id"] is None:  # made from a base model, not an artifact
+        return True
+    up = provenance(outputs_root() / parent["path"])
+    return up is not None and up.get("id") == parent["id"] and _current(up)
 
 
 def ensure(kind: str, preset: str = "auto", settings: dict | None = None, force: bool = False, **names: Any) -> Path:

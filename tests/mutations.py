@@ -131,7 +131,7 @@ MUTATIONS = [
     Mutation("an artifact another preset wrote taken for this preset's", "llmnb/artifacts.py", 'record.get("preset") != resolve_preset(preset)', "False",
              ("tests/test_artifacts.py::test_a_folder_is_taken_only_with_its_kind_names_preset_settings_and_parent",)),
     Mutation("an artifact made from a since-rebuilt parent taken as current", "llmnb/artifacts.py",
-             '(provenance(parent["path"]) or {}).get("id") != parent["id"]', "False",
+             'return up is not None and up.get("id") == parent["id"] and _current(up)', "return up is not None and _current(up)",
              ("tests/test_artifacts.py::test_a_folder_is_taken_only_with_its_kind_names_preset_settings_and_parent",)),
     Mutation("the decoding layout copies the tied head into a parameter of its own", "llmnb/model.py",
              "module.weight.data = module.weight.data.t().contiguous().t()",

@@ -37,9 +37,13 @@ def test_a_folder_is_taken_only_with_its_kind_names_preset_settings_and_parent(t
     assert artifacts.find("aligned", "smoke", base=TINY_CHAT) is None
 
     child = artifacts.save("quantized", _write_marker("q"), preset="smoke", parent=model, model=model, scheme="int8")
+    grandchild = artifacts.save("gguf", lambda target: target.write_bytes(b"GGUF"), preset="smoke", parent=child, model=child, qtype="F16")
     assert artifacts.find("quantized", "smoke", model=model, scheme="int8") == child
+    assert artifacts.find("gguf", "smoke", model=child, qtype="F16") == grandchild
+    assert artifacts.provenance(child)["parent"]["path"] == f"models/{TINY_CHAT}-sft", "relative to outputs/: a moved checkout stays valid"
     artifacts.save("tuned", _write_marker("v2"), preset="smoke", recipe={"steps": 3}, base=TINY_CHAT)  # the parent trained again
     assert artifacts.find("quantized", "smoke", model=model, scheme="int8") is None, "a child of a rebuilt parent is stale"
+    assert artifacts.find("gguf", "smoke", model=child, qtype="F16") is None, "and so is its child, though its own parent is unchanged"
 
     (model / artifacts.PROVENANCE).write_text("{not json")
     assert artifacts.provenance(model) is None and artifacts.find("tuned", "smoke", base=TINY_CHAT) is None

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from llmnb.serve.streaming import ReplyText
-from llmnb.serve.moderation import Batched, ProfanityFilter, flagged, make_filter
+from llmnb.serve.moderation import Batched, ProfanityFilter, make_filter
 from llmnb.serve.scheduler import Token
 
 
@@ -47,7 +47,7 @@ def test_the_shipped_classifier_flags_profanity_not_ordinary_text():
     check = ProfanityFilter()
     ordinary, rude = check(["What is the capital of France?", "You are a fucking idiot"])
     assert ordinary < 0.1 and rude > 0.9 and check.threshold == 0.9
-    assert flagged(check, "well, shit") and not flagged(check, "   ") and not flagged(None, "shit")
+    assert check(["well, shit"])[0] >= check.threshold
     assert make_filter("none") is None
     with pytest.raises(ValueError, match="profanity"):
         make_filter("regex")

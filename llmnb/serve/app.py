@@ -52,7 +52,13 @@ def create_app(config: ServeConfig, on_load_error: Callable[[str], None] | None 
                  code="not_found" if exc.status_code == 404 else None)))
 
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    _service_routes(app, served)
+    _generation_routes(app, served)
+    return app
 
+
+def _service_routes(app: FastAPI, served: Served) -> None:
+    """/health, the chat page, /metrics and the model list."""
     @app.get("/health")
     def health():
         if served.ready.is_set():
@@ -79,6 +85,10 @@ def create_app(config: ServeConfig, on_load_error: Callable[[str], None] | None 
         _check_model(served, name)
         return _model_card(served)
 
+
+
+def _generation_routes(app: FastAPI, served: Served) -> None:
+    """OpenAI's two generation routes: text completions and chat completions, whole or streamed."""
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _ready(served)
@@ -109,8 +119,6 @@ def create_app(config: ServeConfig, on_load_error: Callable[[str], None] | None 
                      (body.top_logprobs or 0) if body.logprobs else -1)
         shape = ChatShape(served, body, run)
         return await _respond(request, body, run, shape)
-
-    return app
 
 
 def _ready(served: Served) -> None:

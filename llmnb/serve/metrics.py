@@ -1,4 +1,6 @@
-"""The server's Prometheus metrics (prometheus_client), named and bucketed as vLLM's so that the same dashboards read them."""
+"""The server's Prometheus metrics (prometheus_client): vLLM's quantities under vLLM's names with an `llmnb_` prefix
+where vLLM has `vllm:` (`vllm:time_to_first_token_seconds` is `llmnb_time_to_first_token_seconds` here), so a vLLM
+dashboard reads them after that one substitution. The histogram buckets are our own, sized for a CPU's latencies."""
 from __future__ import annotations
 
 import time

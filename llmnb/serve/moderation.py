@@ -69,11 +69,6 @@ def make_filter(spec: str, threshold: float | None = None):
     raise ValueError(f"unknown moderation {spec!r}: use 'profanity', 'none' or 'hf:MODEL[:LABEL]'")
 
 
-def flagged(check, text: str) -> bool:
-    """Whether `check` blocks `text` (its last 1,000 characters: a reply is judged as it grows)."""
-    return check is not None and bool(text.strip()) and check([text[-1000:]])[0] >= check.threshold
-
-
 class Batched:
     """Asks the filter once for every text the server's streams want judged in one turn of the event loop.
 
