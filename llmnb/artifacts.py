@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
     "pretrained": Kind("03", "models/llmnb-{corpus}", "our GPT pretrained on the corpus, a Hugging Face folder"),
     "tuned": Kind("04", "models/{base}-sft", "the base fine-tuned with LoRA on arithmetic and Shakespeare replies, merged"),
     "tuned-adapter": Kind("04", "models/{base}-sft-adapter", "that fine-tune's LoRA adapter, in peft's format"),
-    "aligned": Kind("05", "models/{base}-aligned", "notebook 04's model aligned by the method chosen on the validation split, merged"),
+    "aligned": Kind("05", "models/{base}-aligned", "notebook 04's model aligned by the method notebook 05 keeps, merged"),
     "aligned-adapter": Kind("05", "models/{base}-aligned-adapter", "that alignment's LoRA adapter, on notebook 04's model"),
     "quantized": Kind("06", "models/{model}-{scheme}", "a model's linear layers in int8 or int4 (llmnb.quantize.save_quantized)"),
     "gguf": Kind("06", "gguf/{model}.{qtype}.gguf", "a model as one GGUF file, for llama.cpp, LM Studio and Ollama"),
