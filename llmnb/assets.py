@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from .data import load_corpus
 from .hf_bridge import to_hf
@@ -53,6 +52,8 @@ class ModelNotFound(RuntimeError):
 
 def prepare_smollm2(force: bool = False) -> Path:
     """The SmolLM2-135M-Instruct Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # seconds to import: only where a Hugging Face object is built
+
     target = shared_outputs_dir("models") / SMOLLM2
     if (target / "config.json").exists() and not force:
         return target
@@ -77,6 +78,8 @@ def prepare_tiny_chat(force: bool = False) -> Path:
     The smoke preset runs the fine-tuning, alignment and serving code on it in seconds;
     it learns the format of a task, nothing more.
     """
+    from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+
     target = outputs_dir("models") / TINY_CHAT
     if (target / "config.json").exists() and not force:
         return target

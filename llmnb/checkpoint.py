@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .assets import OFFLINE_MODELS, SMOLLM2, TINY_CHAT, ModelNotFound, prepare_smollm2, prepare_tiny_chat
 from .hf_bridge import from_hf
@@ -66,6 +65,8 @@ def resolve_model(spec: str) -> str:
 
 def load_hf(spec: str, dtype=None, device: str | None = None):
     """(`transformers` model, tokenizer) for a registry name, folder or hub id, in eval mode, on `device` (default cpu)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+
     where = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -120,6 +121,7 @@ def tokenizer_from_state(state: dict | None):
         return None
     if state["kind"] == "char":
         return CharTokenizer(state["chars"])
+    from transformers import PreTrainedTokenizerFast  # seconds to import: only where a Hugging Face object is built
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["special"])
     tokenizer.chat_template = state["chat_template"]
@@ -128,6 +130,8 @@ def tokenizer_from_state(state: dict | None):
 
 def bpe_as_hf(tokenizer, end_of_text: str = "<|endoftext|>"):
     """llmnb's BPE tokenizer as a `PreTrainedTokenizerFast` (same ids), with <|endoftext|> as its bos/eos when it has one."""
+    from transformers import PreTrainedTokenizerFast  # seconds to import: only where a Hugging Face object is built
+
     special = {"eos_token": end_of_text, "bos_token": end_of_text} if end_of_text in tokenizer.special_tokens else {}
     with tempfile.TemporaryDirectory() as tmp:
         path = tokenizer.to_hf_json(Path(tmp) / "tokenizer.json")
@@ -162,6 +166,8 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
         if tokenizer is None:
             raise ValueError(f"{path} stores no tokenizer; save checkpoints with their tokenizer (llmnb.train does)")
     else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+
         where = resolve_model(str(source))
         model = from_hf(where if Path(where).is_dir() else AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32), attention)
         tokenizer = AutoTokenizer.from_pretrained(where)

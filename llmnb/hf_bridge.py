@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from .model import GPT, GPTConfig
 from .paths import write_atomic
@@ -18,6 +17,8 @@ from .paths import write_atomic
 
 def hf_config(config: GPTConfig):
     """The `GPT2Config` / `LlamaConfig` of a model with `config`: the one mapping between the two worlds."""
+    from transformers import GPT2Config, LlamaConfig  # seconds to import: only where a Hugging Face object is built
+
     special = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}  # None stays None (GPT2Config would say 50256)
     if config.flavour == "gpt2":
         return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
@@ -89,6 +90,8 @@ def to_hf(model: GPT, path: str | Path | None = None, tokenizer=None):
     A folder is written only with its tokenizer: without one, `AutoTokenizer` would load an
     empty tokenizer from it without any error.
     """
+    from transformers import AutoModelForCausalLM  # seconds to import: only where a Hugging Face object is built
+
     if path is not None and tokenizer is None:
         raise ValueError("to_hf(model, path) needs the tokenizer too: a model folder without one loads in AutoTokenizer as an empty tokenizer")
     config = model.config
@@ -140,6 +143,8 @@ def from_hf(source, attention: str = "sdpa") -> GPT:
 
     Names (registry names, hub ids) are resolved by `llmnb.checkpoint`, which calls this.
     """
+    from transformers import AutoModelForCausalLM  # seconds to import: only where a Hugging Face object is built
+
     if isinstance(source, (str, Path)):
         if not (Path(source) / "config.json").is_file():
             raise FileNotFoundError(f"{source} holds no config.json: pass a Hugging Face model folder, or use llmnb.checkpoint.load for names")

@@ -15,7 +15,6 @@ import tempfile
 from dataclasses import asdict, replace
 
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from .budget import ModelShape, Setup
 from .hardware import reset_peak_resident, resident_bytes
@@ -72,6 +71,7 @@ def _measure_main() -> None:
 def _qlora_model(config, rank: int, targets: list[str], device: str):
     """A random `transformers` model of `config`, reloaded with its linear layers in NF4, with peft adapters."""
     from peft import LoraConfig, get_peft_model  # QLoRA's reference stack, loaded only when measured
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # seconds to import: only where a Hugging Face object is built
 
     with tempfile.TemporaryDirectory() as folder:
         AutoModelForCausalLM.from_config(hf_config(config)).save_pretrained(folder)

@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from .generate import generate
 from .lora import adapters
@@ -395,6 +394,8 @@ def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:
 
 def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, object]:
     """(quantized GPT, tokenizer) from a `save_quantized` folder; `scheme`, when given, must be the one stored."""
+    from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+
     folder = Path(folder)
     meta_file = folder / QUANT_FILE
     if not meta_file.is_file():

@@ -50,8 +50,7 @@ def test_probe_is_quick_and_true_for_a_listening_local_port():
 
 
 def test_importing_the_model_code_opens_no_connection_and_the_hub_library_settles_it():
-    """The probe runs when huggingface_hub is first imported (transformers imports it: the training loop's checkpoints
-    store Hugging Face tokenizers), not at `import llmnb` nor with the model and sampling code."""
+    """The probe runs when huggingface_hub is first imported (transformers imports it), not at `import llmnb`."""
     import json
     import os
     import subprocess
@@ -63,9 +62,9 @@ def refuse(*args, **kwargs):
     calls.append(args[0])
     raise OSError("no network in this test")
 socket.create_connection = refuse
-import llmnb, llmnb.model, llmnb.generate
+import llmnb.model, llmnb.generate, llmnb.train, llmnb.serve.app
 before = (len(calls), "huggingface_hub" in sys.modules, os.environ.get("HF_HUB_OFFLINE"))
-import llmnb.train
+import transformers
 print(json.dumps([before, len(calls), os.environ.get("HF_HUB_OFFLINE")]))
 """
     env = {k: v for k, v in os.environ.items() if k not in hub.OFFLINE_VARIABLES}

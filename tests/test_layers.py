@@ -23,6 +23,9 @@ LAYERS = [
 
 # Function-local imports: only these, each for the reason given.
 LOCAL_IMPORTS = {
+    "transformers": "its model, config, auto and pipeline classes take seconds to import (AutoModelForCausalLM ~3 s, pipeline ~15 s "
+                    "on 2 cores): imported where a Hugging Face object is built, so that training our GPT, serving it and every "
+                    "torchrun worker start without them",
     "peft": "the reference side of QLoRA's memory measurement, loaded only when that is measured",
     "bitsandbytes": "bitsandbytes' own 4-bit layers: a reference, with CPU kernels that depend on the processor",
     "torchao": "torchao's int8/int4 layers: a reference, imported only to compare against",

@@ -13,7 +13,6 @@ import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-from transformers import pipeline
 
 Filter = Callable[[Sequence[str]], list[float]]
 
@@ -47,6 +46,8 @@ class TransformersFilter:
     """A `transformers` text-classification model; `label` is the class that means unacceptable."""
 
     def __init__(self, model: str, label: str = "toxic", threshold: float = 0.5):
+        from transformers import pipeline  # seconds to import: only where a Hugging Face object is built
+
         self.name, self.label, self.threshold = model, label, threshold
         self._pipe = pipeline("text-classification", model=model, top_k=None)
         labels = set(self._pipe.model.config.id2label.values())
