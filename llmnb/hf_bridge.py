@@ -34,7 +34,7 @@ def hf_config(config: GPTConfig):
 def key_map(config: GPTConfig) -> dict[str, str]:
     """Our parameter name -> the Hugging Face name, for every parameter stored one to one.
 
-    GPT-2's fused `c_attn` (q, k and v in one Conv1D) is handled apart, in `_split_c_attn`.
+    GPT-2's fused `c_attn` (q, k and v in one Conv1D) is handled apart, in `to_theirs` and `to_ours`.
     """
     names: dict[str, str] = {}
     parts = ["weight", "bias"] if config.bias else ["weight"]
