@@ -54,6 +54,10 @@ KINDS: dict[str, Kind] = {
     "aligned-adapter": Kind("05", "models/{base}-aligned-adapter", "that alignment's LoRA adapter, on notebook 04's model"),
     "quantized": Kind("06", "models/{model}-{scheme}", "a model's linear layers in int8 or int4 (llmnb.quantize.save_quantized)"),
     "gguf": Kind("06", "gguf/{model}.{qtype}.gguf", "a model as one GGUF file, for llama.cpp, LM Studio and Ollama"),
+    "pruned": Kind("06", "models/{model}-pruned", "a model with MLP neurons and attention heads removed (llmnb.prune.prune_structured)"),
+    "healed": Kind("06", "models/{model}-pruned-healed", "that pruned model after a short LoRA run with notebook 04's recipe, merged"),
+    "healed-adapter": Kind("06", "models/{model}-pruned-healed-adapter", "that healing run's LoRA adapter, on the pruned model"),
+    "onnx": Kind("06", "onnx/{model}", "a model for ONNX Runtime with its KV cache: model.onnx (fp32) and model.int8.onnx (ORT's int8)"),
     "run": Kind("", "{stage}/{name}", "a training run's checkpoints and metrics.jsonl (scratch: no provenance)"),
     "scratch": Kind("", "scratch/{name}", "a notebook's throwaway files (example data, trial runs)"),
 }
@@ -220,12 +224,12 @@ def tuned_recipe(values: SimpleNamespace) -> dict:
             "block_size": values.block_size, "lr": values.lr, "rank": values.lora_rank}
 
 
-def save_adapted(kind: str, model, tokenizer, parent: str | Path, preset: str, recipe: dict, base: str) -> Path:
+def save_adapted(kind: str, model, tokenizer, parent: str | Path, preset: str, recipe: dict, **names: Any) -> Path:
     """A LoRA-adapted model as two artifacts: `<kind>-adapter` (peft's format, on `parent`) and `<kind>` (merged, with the tokenizer)."""
     adapter = save(f"{kind}-adapter", lambda tmp: save_adapter(model, tmp, base_model=str(parent)), preset=preset, recipe=recipe,
-                   parent=parent, base=base)
+                   parent=parent, **names)
     merged = merge_and_unload(copy.deepcopy(model)).to("cpu").float()  # the caller's model keeps its adapters
-    return save(kind, lambda tmp: to_hf(merged, tmp, tokenizer=tokenizer), preset=preset, recipe=recipe, parent=adapter, base=base)
+    return save(kind, lambda tmp: to_hf(merged, tmp, tokenizer=tokenizer), preset=preset, recipe=recipe, parent=adapter, **names)
 
 
 def _tuned(preset: str, settings: dict, base: str) -> Path:
@@ -234,7 +238,7 @@ def _tuned(preset: str, settings: dict, base: str) -> Path:
     model, tokenizer = load(base_dir)
     tuned, _ = sft.tune(model, tokenizer, sft.tune_split(recipe), run_dir("finetune", f"{_names({'base': base})['base']}-recipe"), recipe,
                         progress=False)
-    return save_adapted("tuned", tuned, tokenizer, base_dir, preset, recipe, base)
+    return save_adapted("tuned", tuned, tokenizer, base_dir, preset, recipe, base=base)
 
 
 def _quantized(preset: str, settings: dict, model: str, scheme: str) -> Path:

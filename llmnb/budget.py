@@ -44,10 +44,15 @@ class ModelShape:
     bias: bool = False
     tied_embeddings: bool = False
     learned_positions: int = 0
+    head_size: int = 0  # 0: d_model // n_head, as in every published shape; a model with pruned heads keeps their size
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
+
+    @property
+    def attn_dim(self) -> int:
+        return self.n_head * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -56,7 +61,7 @@ class ModelShape:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of every matrix in one block, by LoRA target name."""
         d, ff = self.d_model, self.d_ff
-        shapes = {"q": (d, d), "k": (d, self.kv_dim), "v": (d, self.kv_dim), "o": (d, d), "up": (d, ff), "down": (ff, d)}
+        shapes = {"q": (d, self.attn_dim), "k": (d, self.kv_dim), "v": (d, self.kv_dim), "o": (self.attn_dim, d), "up": (d, ff), "down": (ff, d)}
         if self.gated_mlp:
             shapes["gate"] = (d, ff)
         return shapes

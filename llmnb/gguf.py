@@ -149,6 +149,9 @@ def _architecture(writer, model: GPT) -> None:
         writer.add_rope_freq_base(c.rope_theta)
         writer.add_layer_norm_rms_eps(c.norm_eps)
         writer.add_rope_dimension_count(c.head_dim)
+        if c.attn_dim != c.n_embd:  # heads pruned (llmnb.prune): llama.cpp reads their size from these keys
+            writer.add_key_length(c.head_dim)
+            writer.add_value_length(c.head_dim)
         writer.add_vocab_size(c.vocab_size)
     else:
         writer.add_layer_norm_eps(c.norm_eps)

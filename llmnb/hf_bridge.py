@@ -124,16 +124,14 @@ def config_from_hf(hf_config, attention: str = "sdpa") -> GPTConfig:
         return GPTConfig.gpt2(block_size=hf_config.n_positions, d_ff=hf_config.n_inner or 4 * hf_config.hidden_size,
                               norm_eps=hf_config.layer_norm_epsilon, **common)
     if hf_config.model_type == "llama":
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        if head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-            raise ValueError("this Llama checkpoint's head_dim * heads differs from its width; llmnb's GPT does not support that layout")
         rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"RoPE scaling {rope['rope_type']!r} is not implemented in llmnb's GPT; only the default rotation")
         if bool(getattr(hf_config, "mlp_bias", False)) != bool(hf_config.attention_bias):
             raise ValueError("this Llama checkpoint has biases in attention or in the MLP but not both; llmnb's GPT has them everywhere or nowhere")
         return GPTConfig.llama(block_size=hf_config.max_position_embeddings, n_kv_head=hf_config.num_key_value_heads,
-                               d_ff=hf_config.intermediate_size, norm_eps=hf_config.rms_norm_eps, rope_theta=rope["rope_theta"],
+                               d_ff=hf_config.intermediate_size, head_dim=getattr(hf_config, "head_dim", None), norm_eps=hf_config.rms_norm_eps,
+                               rope_theta=rope["rope_theta"],
                                bias=bool(hf_config.attention_bias), tie_embeddings=bool(hf_config.tie_word_embeddings), **common)
     raise ValueError(f"model type {hf_config.model_type!r} is not supported: llmnb's GPT loads 'gpt2' and 'llama' checkpoints")
 

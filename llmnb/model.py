@@ -41,6 +41,7 @@ class GPTConfig:
     n_embd: int = 768
     n_kv_head: int | None = None  # grouped-query attention; None means n_head
     d_ff: int | None = None  # MLP width; None means 4 * n_embd
+    head_dim: int | None = None  # None means n_embd // n_head; a model whose heads were pruned keeps their size
     flavour: str = "gpt2"
     bias: bool = True
     tie_embeddings: bool = True
@@ -58,8 +59,10 @@ class GPTConfig:
             raise ValueError(f"unknown attention {self.attention!r}: choose 'sdpa' or 'math'")
         self.n_kv_head = self.n_kv_head or self.n_head
         self.d_ff = self.d_ff or 4 * self.n_embd
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}: change one of them")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}: change one of them")
+            self.head_dim = self.n_embd // self.n_head
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head} for grouped-query attention")
         if self.flavour == "llama" and self.head_dim % 2:
@@ -68,15 +71,17 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.flavour == "gpt2":  # what GPT2LMHeadModel can hold, so that every model exports
-            fixed = {"bias": (self.bias, True), "tie_embeddings": (self.tie_embeddings, True), "n_kv_head": (self.n_kv_head, self.n_head)}
+            fixed = {"bias": (self.bias, True), "tie_embeddings": (self.tie_embeddings, True), "n_kv_head": (self.n_kv_head, self.n_head),
+                     "head_dim": (self.head_dim, self.n_embd // self.n_head)}
             wrong = {k: v for k, (v, need) in fixed.items() if v != need}
             if wrong:
                 raise ValueError(f"the GPT-2 flavour has biases, tied embeddings and one key/value head per query head; "
                                  f"got {wrong}: use GPTConfig.llama(...) for a model without them")
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def attn_dim(self) -> int:
+        """Width of the concatenated heads: n_embd, unless heads were pruned away (llmnb.prune)."""
+        return self.n_head * self.head_dim
 
     @classmethod
     def gpt2(cls, **overrides) -> GPTConfig:
@@ -113,7 +118,7 @@ class GPTConfig:
         return budget.ModelShape(
             "llmnb-gpt", self.n_layer, self.n_embd, self.n_head, self.n_kv_head, self.d_ff, self.vocab_size,
             gated_mlp=self.flavour == "llama", bias=self.bias, tied_embeddings=self.tie_embeddings,
-            learned_positions=self.block_size if self.flavour == "gpt2" else 0,
+            learned_positions=self.block_size if self.flavour == "gpt2" else 0, head_size=self.head_dim,
         )
 
 
@@ -190,10 +195,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.config = config
         kv_dim = config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_proj = nn.Linear(config.n_embd, config.attn_dim, bias=config.bias)
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
-        self.o_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.o_proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -216,7 +221,7 @@ class CausalSelfAttention(nn.Module):
         else:
             dropout = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.n_embd))  # (B, T, C)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.attn_dim))  # (B, T, C)
 
 
 class MLP(nn.Module):

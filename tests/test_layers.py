@@ -12,7 +12,7 @@ LAYERS = [
     ["paths", "hub", "tools"],                                   # infrastructure
     ["presets", "record", "tokenizer", "budget", "hardware", ""],  # "" is the package itself (llmnb/__init__.py)
     ["model", "hf_bridge"],                                      # the GPT and its one name map to Hugging Face's
-    ["generate", "lora", "quantize", "gguf", "checkpoint", "assets", "data"],
+    ["generate", "lora", "quantize", "prune", "gguf", "onnx_runtime", "checkpoint", "assets", "data"],
     ["train", "parallel", "measure"],
     ["sft"],
     ["align"],
@@ -31,6 +31,7 @@ LOCAL_IMPORTS = {
     "torchao": "torchao's int8/int4 layers: a reference, imported only to compare against",
     "datasets": "only for hub datasets (hf:<id>), which need the network",
     "reasoning_gym": "imports a hundred task modules (seconds): only when arithmetic problems are generated",
+    "onnxruntime": "the notebooks extra: ONNX Runtime, only where an exported graph is run or quantized",
     "xllamacpp": "llama.cpp's server wheel: only when a GGUF file is served or read back",
     "tiktoken": "reads TIKTOKEN_CACHE_DIR, which must point at the offline cache first",
     "sentencepiece": "the notebooks extra: notebook 01 sets SentencePiece beside our BPE; serving does not install it",

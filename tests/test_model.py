@@ -149,10 +149,23 @@ def test_hf_refusals_name_what_is_not_supported():
     with pytest.raises(ValueError, match="RoPE scaling 'linear'"):
         B.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
-    with pytest.raises(ValueError, match="head_dim"):
-        B.config_from_hf(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, head_dim=8, intermediate_size=64))
     with pytest.raises(ValueError, match="model type 'mistral'"):
         B.config_from_hf(MistralConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64))
+
+
+def test_heads_narrower_than_the_width_load_from_transformers_with_equal_logits():
+    """A Llama whose heads * head_dim is not its width (what structured pruning leaves) loads, with transformers' logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=6, intermediate_size=40, max_position_embeddings=32)).eval()
+    ours = B.from_hf(hf).eval()
+    assert (ours.config.head_dim, ours.config.attn_dim, ours.blocks[0].attn.o_proj.in_features) == (6, 24, 24)
+    x = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=1e-5, rtol=0)
+    assert ours.num_params() == sum(p.numel() for p in hf.parameters()) == ours.config.shape().n_params
 
 
 def test_adapters_from_peft_work_with_the_decoding_layout_and_gradient_checkpointing():
