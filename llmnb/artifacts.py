@@ -224,11 +224,11 @@ def tuned_recipe(values: SimpleNamespace) -> dict:
             "block_size": values.block_size, "lr": values.lr, "rank": values.lora_rank}
 
 
-def save_adapted(kind: str, model, tokenizer, parent: str | Path, preset: str, recipe: dict, **names: Any) -> Path:
+def save_adapted(kind: str, adapted, tokenizer, parent: str | Path, preset: str, recipe: dict, **names: Any) -> Path:
     """A LoRA-adapted model as two artifacts: `<kind>-adapter` (peft's format, on `parent`) and `<kind>` (merged, with the tokenizer)."""
-    adapter = save(f"{kind}-adapter", lambda tmp: save_adapter(model, tmp, base_model=str(parent)), preset=preset, recipe=recipe,
+    adapter = save(f"{kind}-adapter", lambda tmp: save_adapter(adapted, tmp, base_model=str(parent)), preset=preset, recipe=recipe,
                    parent=parent, **names)
-    merged = merge_and_unload(copy.deepcopy(model)).to("cpu").float()  # the caller's model keeps its adapters
+    merged = merge_and_unload(copy.deepcopy(adapted)).to("cpu").float()  # the caller's model keeps its adapters
     return save(kind, lambda tmp: to_hf(merged, tmp, tokenizer=tokenizer), preset=preset, recipe=recipe, parent=adapter, **names)
 
 
