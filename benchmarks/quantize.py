@@ -1,4 +1,4 @@
-"""Quantized models: llmnb.quantize vs bitsandbytes, torchao and llama.cpp on the same model, as ratios to fp32.
+"""Smaller models: llmnb.quantize vs bitsandbytes, torchao and llama.cpp, pruning, and ONNX Runtime, as ratios to fp32.
 
     .venv/bin/python benchmarks/quantize.py                      # SmolLM2-135M-Instruct
     .venv/bin/python benchmarks/quantize.py --model outputs/models/llmnb-shakespeare --windows 8
@@ -9,6 +9,9 @@ of the validation split), and greedy decoding tokens/s at batch 1 with the KV ca
 `--repeats` after a warm-up). llama.cpp (xllamacpp) runs the GGUF files llmnb.gguf writes; its
 perplexity is that of the weights the file stores, computed by our model (llama.cpp's API gives
 log-probabilities of generated tokens only), and its speed is its own `predicted_per_second`.
+Pruned models (llmnb.prune, calibrated on 8 x 128 tokens of the training plays) are the dense model with zeros
+(Wanda 50 %, 2:4) or a smaller one (structured); ONNX Runtime runs the graph llmnb.onnx_runtime exports, in fp32
+and ORT's int8 (bytes: the file).
 Targets (issue 12): int8 <= 0.27x the fp32 bytes with perplexity within 1 %; int4 <= 0.16x with
 perplexity no worse than bitsandbytes NF4; our int8 decoding >= 1.5x our fp32 decoding.
 """
@@ -33,14 +36,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from llmnb import checkpoint, data
+    from llmnb import checkpoint, data, prune
     from llmnb import gguf as gg
+    from llmnb import onnx_runtime as ox
     from llmnb import quantize as q
     from llmnb.paths import outputs_dir
 
     model, tokenizer = checkpoint.load(args.model)
     cleaned, _ = data.clean(data.load_corpus("shakespeare"))
-    val = "\n\n".join(d.text for d in data.split_documents(cleaned.documents, 0.1)[1])
+    train_docs, val_docs = data.split_documents(cleaned.documents, 0.1)
+    val = "\n\n".join(d.text for d in val_docs)
+    calibration = torch.tensor(tokenizer.encode("\n\n".join(d.text for d in train_docs[::max(1, len(train_docs) // 32)]))[:8 * 128]).view(8, 128)
     ids = torch.tensor(tokenizer.encode(val[: args.windows * 256 * 8])[: args.windows * 256]).view(args.windows, 256)
     prompt = ids[:1, :16]
     rows = {}
@@ -59,6 +65,20 @@ def main() -> None:
             print(f"{scheme} g{group}: skipped: {error}")
     for library in ("bnb-int8", "bnb-nf4", "torchao-int8"):
         torch_row(library, q.reference_model(model, library))
+    for label, how in [("Wanda 50% (zeros, dense storage)", ("wanda", "unstructured")), ("Wanda 2:4 (zeros, dense storage)", ("wanda", "2:4"))]:
+        pruned = copy.deepcopy(model)
+        prune.prune_model(pruned, how[0], 0.5, how[1], calibration=calibration)
+        torch_row(label, pruned)
+    if model.config.flavour == "llama":
+        torch_row("structured: 25% of MLP neurons, 1/3 of heads", prune.prune_structured(model, calibration, 0.25, 0.34))
+    torch_row("structured: 25% of MLP neurons", prune.prune_structured(model, calibration, 0.25))
+    onnx_dir = ox.export(model, tokenizer, outputs_dir("benchmarks", "onnx")).parent
+    ox.quantize_int8(onnx_dir)
+    for label, file in [("ONNX Runtime fp32", ox.FP32_FILE), ("ONNX Runtime int8", ox.INT8_FILE)]:
+        runner = ox.OnnxModel(onnx_dir / file)
+        rows[label] = {"bytes": sum(p.stat().st_size for p in onnx_dir.glob(file + "*")), "perplexity": q.perplexity(runner, ids),
+                       "tokens/s": runner.decode_speed(prompt, args.tokens, repeats=args.repeats)}
+        print(label, rows[label], flush=True)
     folder = outputs_dir("benchmarks", "gguf")
     for qtype in ("F16", "Q8_0", "Q4_0"):
         path = gg.write_gguf(model, tokenizer, folder / f"model.{qtype}.gguf", qtype)

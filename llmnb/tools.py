@@ -43,11 +43,15 @@ TOOLS = (
          "our loop runs under torchrun directly; `trl` (notebooks 04, 05) uses Accelerate inside. `accelerate launch --cpu` runs one process only",
          "PyPI 1.15.0 (2026-09)", "notebooks 04, 05 (inside trl's trainers)"),
     Tool("TensorRT", "NVIDIA's compiler of a model into fused GPU kernels (TensorRT-LLM: the same for LLMs, with its own server)", "06, 07",
-         "the lowest latency on NVIDIA GPUs in production", "llama.cpp (GGUF) on CPU, vLLM on GPU read our Hugging Face folders without a build step",
+         "the lowest latency on NVIDIA GPUs in production (and the 2:4 sparse kernels pruning aims at)",
+         "llama.cpp (GGUF) on CPU, vLLM on GPU read our Hugging Face folders without a build step; notebook 06's `model.onnx` is what "
+         "ONNX Runtime's TensorRT execution provider takes",
          "PyPI tensorrt 11.4 (2026-10), tensorrt-llm 1.2.1 (2026-04)", "not run here: NVIDIA GPUs only"),
     Tool("ONNX Runtime", "runs an exported ONNX graph with optimised kernels on CPU, GPU, mobile and the browser", "06",
-         "deploying where Python/PyTorch cannot go, or one model file for many runtimes", "not yet: GGUF and llama.cpp are our portable CPU format",
-         "PyPI onnxruntime 1.31.1 (2026-10)", "not shown yet"),
+         "deploying where Python/PyTorch cannot go, or one model file for many runtimes",
+         "`llmnb.onnx_runtime` exports our GPT with its KV cache (`torch.onnx.export`, dynamo path) and runs it; GGUF/llama.cpp stay the "
+         "default CPU format", "PyPI onnxruntime 1.31.1 (2026-10)",
+         "notebook 06: the fine-tuned SmolLM2 in fp32 (our logits and greedy tokens) and ORT's int8, speed and size beside every other format"),
     Tool("FastAPI", "Python web framework with typed request schemas (Pydantic)", "07", "writing your own HTTP API around a model",
          "`llmnb serve` is built on it: routes, validation and OpenAI-shaped errors", "PyPI 0.163.2 (2026-11)", "notebook 07, tests/test_serve.py"),
     Tool("TorchServe", "PyTorch's model server (model archives, handlers, REST/gRPC)", "07", "serving non-LLM PyTorch models in an existing deployment",

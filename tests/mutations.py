@@ -37,6 +37,7 @@ T = "tests/test_train.py::"
 A = "tests/test_align.py::"
 Q = "tests/test_quantize.py::"
 G = "tests/test_gguf.py::"
+P = "tests/test_prune.py::"
 S = "tests/test_serve_scheduler.py::"
 MUTATIONS = [
     Mutation("DDP gradients summed over ranks, not averaged", "llmnb/train.py", "scaler.scale(loss * weights[micro]).backward()",
@@ -165,6 +166,20 @@ MUTATIONS = [
              "byte_fallback=False, minloglevel=2", ("tests/test_tokenizer.py::test_sentencepiece_round_trips_text_it_never_saw_through_byte_pieces",)),
     Mutation("ZeRO-2 lets the weights go after forward (that is ZeRO-3)", "llmnb/parallel.py", 'keep_gathered = strategy == "shard-grad-op"',
              "keep_gathered = False", ("tests/test_parallel.py::test_sharding_strategies_train_alike_and_hold_less_per_process_the_more_they_shard",)),
+    Mutation("magnitude pruning removes the largest weights", "llmnb/prune.py", "            drop = flat < threshold",
+             "            drop = flat > flat.kthvalue(flat.numel() - k).values",
+             (P + "test_magnitude_masks_equal_torch_prune_and_remove_exactly_that_share",)),
+    Mutation("Wanda without the activation norm (magnitude per row)", "llmnb/prune.py",
+             'scores = weight.detach().abs().float() if method == "magnitude" else wanda_scores(weight, norm)',
+             "scores = weight.detach().abs().float()", (P + "test_wanda_masks_equal_a_direct_computation_block_after_pruned_block",)),
+    Mutation("structured pruning: a head removed from q but not from o", "llmnb/prune.py",
+             '            _take(state, p + "attn.o_proj", rows, 1)\n', "",
+             (P + "test_structured_pruning_equals_the_dense_model_with_those_units_switched_off",)),
+    Mutation("structured pruning: the highest-scoring neurons removed", "llmnb/prune.py", "keep = neuron.topk(d_ff).indices.sort().values",
+             "keep = neuron.topk(d_ff, largest=False).indices.sort().values", (P + "test_structured_pruning_removes_the_lowest_scoring_neurons",)),
+    Mutation("ONNX export: the past keys not joined to the new ones", "llmnb/onnx_runtime.py",
+             "k = torch.cat([self.past_keys[layer], k], dim=2)  # (B, n_kv, past + T, hs)", "pass",
+             ("tests/test_onnx_runtime.py::test_decoding_through_the_exported_cache_continues_as_we_do",)),
     Mutation("tensor parallel attention: keys and values of the wrong heads", "llmnb/parallel.py",
              "kv_rows = slice(tp_rank * kv_heads * c.head_dim, (tp_rank + 1) * kv_heads * c.head_dim)",
              "kv_rows = slice((1 - tp_rank) * kv_heads * c.head_dim, (2 - tp_rank) * kv_heads * c.head_dim)",

@@ -172,3 +172,10 @@ def test_structured_pruning_removes_the_lowest_scoring_neurons():
     score = _direct_norms(mlp_in) * model.blocks[0].mlp.down_proj.weight.abs().sum(0)
     kept = _kept(model.blocks[0].mlp.up_proj.weight, small.blocks[0].mlp.up_proj.weight, 1)
     assert sorted(kept) == sorted(score.topk(32).indices.tolist())
+
+
+def test_ties_at_the_threshold_still_remove_exactly_the_share_asked():
+    """SmolLM2's weights sit on a 4-bit grid: many equal |w|. The count stays exact and no kept weight is below a dropped one."""
+    scores = torch.randint(0, 5, (40, 30), generator=torch.Generator().manual_seed(0)).float()
+    mask = prune.unstructured_mask(scores, 0.5, per_row=False)
+    assert int((~mask).sum()) == 600 and scores[mask].min() >= scores[~mask].max()
