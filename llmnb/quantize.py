@@ -39,7 +39,6 @@ from .lora import adapters
 from .model import GPT, GPTConfig, rope_tables, swap_module, token_logprobs
 from .paths import write_atomic
 
-SCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # QLoRA's block sizes: weights per absmax, absmaxes per second-level scale
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -167,7 +166,7 @@ def _fast_cpu(x: torch.Tensor) -> bool:
 class QuantLinear(nn.Module):
     """A linear layer whose weight is stored quantized; inference only (no gradients through the weight).
 
-    One subclass per scheme (`QUANT_LINEAR`): each says what it stores (`_buffers`), how it fills that from a
+    One subclass per scheme (`QUANT_LINEAR`): each says what it stores (`_buffers_for`), how it fills that from a
     full-precision weight (`_store`), the fp32 weight it computes with (`dequantized_weight`) and, where PyTorch
     has a CPU kernel for its format, the fast product (`_kernel`); without one, the dequantized weight is used.
     """
@@ -299,6 +298,7 @@ class NF4Linear(QuantLinear):
 
 
 QUANT_LINEAR: dict[str, type[QuantLinear]] = {cls.scheme: cls for cls in (Int8Linear, Int8DynamicLinear, Int4Linear, NF4Linear)}
+SCHEMES = tuple(QUANT_LINEAR)  # "int8", "int8-dynamic", "int4", "nf4"
 
 
 class QuantEmbedding(nn.Module):
