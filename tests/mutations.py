@@ -177,6 +177,8 @@ MUTATIONS = [
              (P + "test_structured_pruning_equals_the_dense_model_with_those_units_switched_off",)),
     Mutation("structured pruning: the highest-scoring neurons removed", "llmnb/prune.py", "keep = neuron.topk(d_ff).indices.sort().values",
              "keep = neuron.topk(d_ff, largest=False).indices.sort().values", (P + "test_structured_pruning_removes_the_lowest_scoring_neurons",)),
+    Mutation("GGUF: a pruned model's head size left out of the file", "llmnb/gguf.py", "        if c.attn_dim != c.n_embd:  # heads pruned",
+             "        if False:  # heads pruned", (G + "test_llama_cpp_runs_a_model_whose_heads_were_pruned",)),
     Mutation("ONNX export: the past keys not joined to the new ones", "llmnb/onnx_runtime.py",
              "k = torch.cat([self.past_keys[layer], k], dim=2)  # (B, n_kv, past + T, hs)", "pass",
              ("tests/test_onnx_runtime.py::test_decoding_through_the_exported_cache_continues_as_we_do",)),

@@ -150,3 +150,18 @@ def test_the_calculator_predicts_the_size_of_every_file_we_write(files, tiny):
     assert all(abs(r["KV cache GB (4096 tokens)"] - kv) < 1e-9 and abs(r["memory GB"] - r["disk GB"] - kv) < 1e-9 for r in rows)
     n = budget.CATALOG["llama-3-8B"].n_params
     assert n * 4.5 / 8 < rows[3]["disk GB"] * 1e9 < n * 5.5 / 8, "4.5 bits a weight, more for the 8.5-bit embedding and head"
+
+
+def test_llama_cpp_runs_a_model_whose_heads_were_pruned(tmp_path, tiny, chat_tokenizer):
+    """Fewer heads than the width implies (llmnb.prune.prune_structured): the file says their size, llama.cpp continues as we do."""
+    pytest.importorskip("xllamacpp")
+    from llmnb.prune import prune_structured
+
+    calibration = torch.randint(0, tiny.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    small = prune_structured(tiny, calibration, mlp_fraction=0.25, head_fraction=0.5)
+    assert small.config.attn_dim < small.config.n_embd
+    path = ours.write_gguf(small, chat_tokenizer, tmp_path / "pruned.F16.gguf", "F16")
+    prompt = chat_tokenizer.encode(PROMPT)
+    tokens, logprobs = ours.llama_cpp_greedy(ours.llama_cpp_server(path, n_ctx=128), prompt, 12)
+    result = ours.agreement(ours.file_weights(small, "F16"), prompt, tokens, logprobs)
+    assert len(tokens) and result["decided_agreement"] == 1.0 and result["max_logprob_gap"] < 0.05, result
