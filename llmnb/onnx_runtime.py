@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import tempfile
 import time
 import warnings
@@ -33,7 +32,7 @@ import torch.nn as nn
 from .lora import adapters
 from .model import GPT
 from .paths import write_atomic
-from .quantize import QuantLinear
+from .quantize import QuantLinear, tokens_per_second
 
 FP32_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
 INPUTS = ("input_ids", "attention_mask", "past_keys", "past_values")
@@ -145,11 +144,9 @@ def quantize_int8(folder: str | Path) -> Path:
         options.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "folded.onnx.data")
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-        target = Path(folder) / INT8_FILE
         with _quiet():
-            quantize_dynamic(options.optimized_model_filepath, str(target) + ".tmp", weight_type=QuantType.QInt8, per_channel=True)
-        shutil.move(str(target) + ".tmp", target)
-    return target
+            return write_atomic(Path(folder) / INT8_FILE, lambda tmp: quantize_dynamic(options.optimized_model_filepath, str(tmp),
+                                                                                    weight_type=QuantType.QInt8, per_channel=True))
 
 
 class OnnxModel:
@@ -195,10 +192,4 @@ class OnnxModel:
 
     def decode_speed(self, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> float:
         """Generated tokens per second (all rows together), greedy; best of `repeats` after a warm-up (as quantize.decode_speed)."""
-        self.generate(prompt, 2)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.generate(prompt, new_tokens)
-            best = min(best, time.perf_counter() - start)
-        return prompt.shape[0] * new_tokens / best
+        return tokens_per_second(lambda n: self.generate(prompt, n), prompt.shape[0], new_tokens, repeats)

@@ -26,6 +26,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -516,10 +517,16 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
 
 def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> float:
     """Generated tokens per second (all rows together), greedy with the KV cache; best of `repeats` after a warm-up."""
-    generate(model, prompt, 2, temperature=0)
+    return tokens_per_second(lambda n: generate(model, prompt, n, temperature=0), prompt.shape[0], new_tokens, repeats)
+
+
+def tokens_per_second(generate_n: Callable[[int], object], rows: int, new_tokens: int, repeats: int) -> float:
+    """rows * new_tokens over the best of `repeats` timed calls of `generate_n(new_tokens)`, after a 2-token warm-up:
+    one way of timing decoding for every engine compared (ours, ONNX Runtime)."""
+    generate_n(2)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        generate(model, prompt, new_tokens, temperature=0)
+        generate_n(new_tokens)
         best = min(best, time.perf_counter() - start)
-    return prompt.shape[0] * new_tokens / best
+    return rows * new_tokens / best
