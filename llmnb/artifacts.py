@@ -58,6 +58,8 @@ KINDS: dict[str, Kind] = {
     "healed": Kind("06", "models/{model}-pruned-healed", "that pruned model after a short LoRA run with notebook 04's recipe, merged"),
     "healed-adapter": Kind("06", "models/{model}-pruned-healed-adapter", "that healing run's LoRA adapter, on the pruned model"),
     "onnx": Kind("06", "onnx/{model}", "a model for ONNX Runtime with its KV cache: model.onnx (fp32) and model.int8.onnx (ORT's int8)"),
+    "eval-tasks": Kind("08", "eval/tasks", "notebook 08's tasks: each one's items (JSON lines) and its lm-eval config (YAML)"),
+    "report-card": Kind("08", "eval/report_card.json", "notebook 08's scores of every model, with standard errors and per-item results"),
     "run": Kind("", "{stage}/{name}", "a training run's checkpoints and metrics.jsonl (scratch: no provenance)"),
     "scratch": Kind("", "scratch/{name}", "a notebook's throwaway files (example data, trial runs)"),
 }

@@ -41,6 +41,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    structured_mlp=0.25, structured_heads=0.5, heal_steps=2),
         "07": dict(base_model="smollm2-tiny-random", max_batch=8, context=256, demo_requests=6, demo_tokens=8, load_clients=[1, 4],
                    load_rates=[4.0], load_seconds=1.0, load_tokens=12, answer_tokens=12),
+        "08": dict(base_model="smollm2-tiny-random", lastword=8, nextline=8, arithmetic=8, passages=2, passage_chars=400, batch_size=8,
+                   hub_tasks=[]),
     },
     "cpu": {
         "00": dict(
@@ -62,6 +64,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    calibration_rows=4, calibration_length=128, structured_mlp=0.25, structured_heads=0.34, heal_steps=6),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=16, context=512, demo_requests=8, demo_tokens=24, load_clients=[1, 4, 16],
                    load_rates=[1.0], load_seconds=5.0, load_tokens=32, answer_tokens=40),
+        "08": dict(base_model="smollm2-135m-instruct", lastword=200, nextline=100, arithmetic=200, passages=6, passage_chars=1200, batch_size=16,
+                   hub_tasks=[]),
     },
     "gpu": {
         "00": dict(
@@ -84,6 +88,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                    calibration_rows=64, calibration_length=256, structured_mlp=0.25, structured_heads=0.34, heal_steps=50),
         "07": dict(base_model="smollm2-135m-instruct", max_batch=32, context=2048, demo_requests=16, demo_tokens=64, load_clients=[1, 4, 16, 32],
                    load_rates=[1.0, 4.0], load_seconds=20.0, load_tokens=128, answer_tokens=128),
+        "08": dict(base_model="smollm2-135m-instruct", lastword=1000, nextline=400, arithmetic=1000, passages=40, passage_chars=2000, batch_size=32,
+                   hub_tasks=["hellaswag", "arc_easy", "lambada_openai"]),
     },
 }
 

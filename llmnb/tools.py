@@ -52,6 +52,12 @@ TOOLS = (
          "`llmnb.onnx_runtime` exports our GPT with its KV cache (`torch.onnx.export`, dynamo path) and runs it; GGUF/llama.cpp stay the "
          "default CPU format", "PyPI onnxruntime 1.31.1 (2026-10)",
          "notebook 06: the fine-tuned SmolLM2 in fp32 (our logits and greedy tokens) and ORT's int8, speed and size beside every other format"),
+    Tool("lm-evaluation-harness", "EleutherAI's evaluation harness (`lm-eval`): hundreds of benchmark tasks as YAML, any model by "
+         "Hugging Face, vLLM or an OpenAI-compatible API, standard errors", "08",
+         "comparing a model with others on the tasks model cards and leaderboards report (HellaSwag, ARC, MMLU...)",
+         "`llmnb.report_card` writes our offline tasks as its YAML, scores our Hugging Face folders with its `hf` model type, our "
+         "quantized GPT through its `TemplateLM` interface, and `llmnb serve` through `local-completions` (our server returns prompt "
+         "log-probabilities for it)", "PyPI lm-eval 0.4.13 (2026)", "notebook 08: every model of the collection, one report card"),
     Tool("FastAPI", "Python web framework with typed request schemas (Pydantic)", "07", "writing your own HTTP API around a model",
          "`llmnb serve` is built on it: routes, validation and OpenAI-shaped errors", "PyPI 0.163.2 (2026-11)", "notebook 07, tests/test_serve.py"),
     Tool("TorchServe", "PyTorch's model server (model archives, handlers, REST/gRPC)", "07", "serving non-LLM PyTorch models in an existing deployment",

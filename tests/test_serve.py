@@ -85,6 +85,45 @@ def test_sampling_parameters_seed_n_stop_and_logprobs(client):
     assert len(content) == 5 and all(c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-5) for c in content)  # greedy
 
 
+def test_echo_returns_each_prompt_tokens_log_probability_for_a_batch_of_prompts(server, client):
+    import torch
+
+    from llmnb.checkpoint import load
+    from llmnb.model import token_logprobs
+
+    model, tokenizer = load(TINY_CHAT)
+    prompts = [tokenizer.encode("The quick brown fox jumps"), tokenizer.encode("Once upon a time there was")]
+    out = client.completions.create(model=TINY_CHAT, prompt=prompts, max_tokens=1, temperature=0, logprobs=2, echo=True, n=2)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3] and out.usage.prompt_tokens == sum(map(len, prompts))  # once per prompt, whatever n
+    for k, choice in enumerate(out.choices):
+        ids, lp = prompts[k // 2], out.choices[k].logprobs
+        assert choice.text.startswith(tokenizer.decode(ids)) and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.no_grad():
+            expected = token_logprobs(model, torch.tensor([ids]))[0].tolist()
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+        assert all(len(top) <= 2 and max(top.values()) >= got - 1e-6 for top, got in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()))  # greedy: the reply is the likeliest token
+    plain = client.completions.create(model=TINY_CHAT, prompt=prompts[0], max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text.startswith(tokenizer.decode(prompts[0])) and plain.choices[0].logprobs is None
+    refused = httpx.post(f"{server.api}/completions", headers=AUTH, json={"model": TINY_CHAT, "prompt": ["a", "b"], "stream": True})
+    assert refused.status_code == 400 and "one prompt" in refused.json()["error"]["message"]
+
+
+def test_lm_eval_scores_the_served_model_as_it_scores_the_same_folder(server, tmp_path, monkeypatch):
+    from llmnb import report_card as rc
+    from llmnb.checkpoint import load, resolve_model
+
+    folder = resolve_model(TINY_CHAT)
+    tasks = rc.write_tasks(tmp_path, rc.task_items(rc.TaskSizes(6, 4, 6, 1, 300), load(folder)[1]))
+    names = ("llmnb_lastword", "llmnb_nextline", "llmnb_arithmetic")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # what local-completions sends as its bearer token
+    served = rc.score("local-completions", rc.served_model_args(server.url, TINY_CHAT, folder, max_length=CONTEXT, batch_size=4), tasks, names)
+    direct = rc.score("hf", {"pretrained": str(folder)}, tasks, names, batch_size=4)
+    for name in names:
+        assert served[name]["items"] == direct[name]["items"], name
+
+
 def test_key_health_models_and_metrics(server, client):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -121,8 +160,8 @@ def malformed_cases():
     cases.append(("/v1/chat/completions", {k: v for k, v in chat_body().items() if k != "messages"}, 400, None))
     cases.append(("/v1/chat/completions", chat_body(top_logprobs=2), 400, None))  # without logprobs: true
     completion = {"model": TINY_CHAT, "prompt": "Hi", "max_tokens": 4}
-    for field, values in {"prompt": [5, [], [-1], [10 ** 9], [1.5], None], "logprobs": [6, -1, True], "max_tokens": [0, "4"],
-                          "echo": [True], "suffix": ["x"]}.items():
+    for field, values in {"prompt": [5, [], [-1], [10 ** 9], [1.5], None, [[]], [[1], [-1]], [""], [[1], "a"]], "logprobs": [6, -1, True],
+                          "max_tokens": [0, "4"], "echo": ["yes", 1], "suffix": ["x"]}.items():
         for value in values:
             cases.append(("/v1/completions", {**completion, field: value}, 400, None))
     for path, body in (("/v1/chat/completions", chat_body()), ("/v1/completions", completion)):

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .errors import APIError, error_response, validation_error
 from .guard import Guard
 from .responses import ChatShape, CompletionShape
-from .scheduler import Sampling
+from .scheduler import Sampling, Token
 from .schemas import ChatRequest, CompletionRequest
 from .served import Served, ServeConfig
 from .streaming import Run, collect as collect_tokens, sse
@@ -93,17 +93,22 @@ def _generation_routes(app: FastAPI, served: Served) -> None:
     async def completions(body: CompletionRequest, request: Request):
         _ready(served)
         _check_model(served, body.model)
-        if isinstance(body.prompt, list):
-            vocab = served.model.config.vocab_size
-            if any(not 0 <= t < vocab for t in body.prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-            prompt = list(body.prompt)
-        else:
-            await _moderate(served, body.prompt, "prompt")
-            prompt = served.encode(body.prompt)
-        run = _start(served, body, prompt, body.max_tokens, -1 if body.logprobs is None else body.logprobs)
-        shape = CompletionShape(served, body, run)
-        return await _respond(request, body, run, shape)
+        prompts = [await _prompt_ids(served, prompt) for prompt in body.prompts()]
+        top = -1 if body.logprobs is None else body.logprobs
+        runs: list[Run] = []
+        try:
+            for prompt in prompts:  # each prompt is checked against the context before any echo is computed
+                runs.append(_start(served, body, prompt, body.max_tokens, top))
+            echoes = [await asyncio.to_thread(served.prompt_logprobs, p, top) if body.echo and top >= 0 else
+                      [Token(t, None, []) for t in p] if body.echo else None for p in prompts]
+        except BaseException:
+            for run in runs:
+                run.cancel()
+            raise
+        shapes = [CompletionShape(served, body, run, echo) for run, echo in zip(runs, echoes)]
+        if body.stream:
+            return await _respond(request, body, runs[0], shapes[0])
+        return await _respond_batch(request, runs, shapes)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -159,6 +164,34 @@ def _start(served: Served, body, prompt: list[int], max_tokens: int | None, top_
     samplings = [Sampling(max_tokens, body.temperature, body.top_p, None if body.seed is None else body.seed + i,
                           max(top_logprobs, 0), stop_ids) for i in range(body.n)]
     return Run(served, prompt, samplings, body.stop, want_logprobs=top_logprobs >= 0)
+
+
+async def _prompt_ids(served: Served, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        vocab = served.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(prompt)
+    await _moderate(served, prompt, "prompt")
+    return served.encode(prompt)
+
+
+async def _respond_batch(request: Request, runs: list[Run], shapes: list[CompletionShape]):
+    """A batch of prompts, whole: every prompt's choices in one response, indexed prompt by prompt (OpenAI's order)."""
+    collects = [asyncio.create_task(collect_tokens(run)) for run in runs]
+    while not all(c.done() for c in collects):  # a client that hangs up frees its slots, even without a stream
+        await asyncio.wait(set(collects), timeout=0.5, return_when=asyncio.FIRST_EXCEPTION)
+        if any(c.done() and c.exception() for c in collects) or await request.is_disconnected():
+            for c in collects:
+                c.cancel()
+            failed = next((c.exception() for c in collects if c.done() and not c.cancelled() and c.exception()), None)
+            if failed is not None:
+                raise failed
+            return Response(status_code=499)
+    wholes = [shape.whole(c.result()) for shape, c in zip(shapes, collects)]
+    choices = [{**choice, "index": p * len(runs[0].seqs) + choice["index"]} for p, whole in enumerate(wholes) for choice in whole["choices"]]
+    usage = {key: sum(w["usage"][key] for w in wholes) for key in wholes[0]["usage"]}
+    return shapes[0].envelope(choices, usage=usage)
 
 
 async def _respond(request: Request, body, run: Run, shape):

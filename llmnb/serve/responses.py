@@ -12,10 +12,12 @@ from .streaming import Run
 class CompletionShape:
     object = "text_completion"
 
-    def __init__(self, served: Served, body, run: Run):
-        self.served, self.body, self.run = served, body, run
+    def __init__(self, served: Served, body, run: Run, echo: list[Token] | None = None):
+        """`echo`: the prompt's tokens (with their log-probabilities when asked), returned before each choice's reply."""
+        self.served, self.body, self.run, self.echo = served, body, run, echo
         self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         self.offsets = [0] * body.n
+        self.prompt_text = served.decode([t.id for t in echo], special=True) if echo else ""
 
     def envelope(self, choices: list, usage: dict | None = None) -> dict:
         out = {"id": self.id, "object": self.object, "created": self.created, "model": self.served.name, "choices": choices}
@@ -23,8 +25,10 @@ class CompletionShape:
             out["usage"] = usage
         return out
 
-    def opening(self) -> list[dict]:
-        return []
+    def opening(self) -> list[dict]:  # a streamed echo: the prompt is each choice's first chunk
+        if not self.echo:
+            return []
+        return [self.chunk(i, self.prompt_text, self.echo, None) for i in range(self.body.n)]
 
     def logprobs(self, i: int, tokens: list[Token]) -> dict | None:
         if not self.run.want_logprobs:
@@ -35,13 +39,14 @@ class CompletionShape:
             offsets.append(self.offsets[i])
             self.offsets[i] += len(text)
         return {"tokens": texts, "token_logprobs": [t.logprob for t in tokens], "text_offset": offsets,
-                "top_logprobs": [{self.served.token_text(a): lp for a, lp in t.top} for t in tokens]}
+                "top_logprobs": [{self.served.token_text(a): lp for a, lp in t.top} if t.logprob is not None else None for t in tokens]}
 
     def chunk(self, i: int, text: str, tokens: list[Token], finish: str | None) -> dict:
         return self.envelope([{"index": i, "text": text, "logprobs": self.logprobs(i, tokens), "finish_reason": finish}])
 
     def whole(self, tokens: list[list[Token]]) -> dict:
-        choices = [{"index": i, "text": r.text, "logprobs": self.logprobs(i, tokens[i]), "finish_reason": r.finish}
+        echo = self.echo or []
+        choices = [{"index": i, "text": self.prompt_text + r.text, "logprobs": self.logprobs(i, echo + tokens[i]), "finish_reason": r.finish}
                    for i, r in enumerate(self.run.replies)]
         return self.envelope(choices, usage=self.run.usage())
 

@@ -48,7 +48,7 @@ class Sampling:
 class Token:
     """One step of one sequence, as `emit` receives it. `finish` is set on its last step."""
     id: int | None
-    logprob: float
+    logprob: float | None  # None: an echoed prompt's first token, which nothing predicts
     top: list[tuple[int, float]]
     finish: str | None = None  # "stop" (a stop token: `id` is that token), "length", "cancelled", "error"
     error: str = ""

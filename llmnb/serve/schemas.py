@@ -52,9 +52,25 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[int] = Field(min_length=1)
+    # one prompt (text or token ids) or a batch of them, as OpenAI's API: each prompt gets `n` choices
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt comes back before the reply, with its tokens' log-probabilities when `logprobs` is set
+
+    @model_validator(mode="after")
+    def _one_prompt_when_streaming(self):
+        if self.stream and len(self.prompts()) > 1:
+            raise ValueError("a streamed request takes one prompt: send a batch without stream, or one request per prompt")
+        if any(isinstance(p, list) and not p or p == "" for p in self.prompts()):
+            raise ValueError("every prompt needs at least one token or character")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: a single prompt is a batch of one."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class TextPart(BaseModel):

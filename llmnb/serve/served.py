@@ -7,11 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..checkpoint import load
 from ..lora import load_adapter, merge_and_unload
 from .metrics import Metrics
 from .moderation import Batched
-from .scheduler import Scheduler
+from .scheduler import Scheduler, Token
 
 
 @dataclass
@@ -71,11 +73,25 @@ class Served:
         thread.start()
         return thread
 
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: list[int], top: int) -> list[Token]:
+        """Each prompt token with its log-probability given the tokens before it (None for the first, which nothing
+        predicts) and the `top` likeliest alternatives: what `echo` with `logprobs` returns, what evaluation harnesses
+        score answers with. One forward pass, beside the scheduler's decoding (inference only: nothing is shared)."""
+        logits, _ = self.model(torch.tensor([ids]))
+        logprobs = logits[0, :-1].float().log_softmax(-1)  # (T - 1, vocab): position t predicts token t + 1
+        picked = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        best = logprobs.topk(top, dim=-1) if top else None
+        alternatives = [list(zip(best.indices[t].tolist(), best.values[t].tolist())) if best is not None else []
+                        for t in range(len(ids) - 1)]
+        return [Token(ids[0], None, [])] + [Token(i, lp, alt) for i, lp, alt in zip(ids[1:], picked, alternatives)]
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.hf else self.tokenizer.decode(ids)
+    def decode(self, ids: list[int], special: bool = False) -> str:
+        """The text of `ids`; `special` keeps special tokens' text (an echoed chat prompt), else they are left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=not special) if self.hf else self.tokenizer.decode(ids)
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
