@@ -22,7 +22,7 @@ CHILD = r"""
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
-from llmnb import align, artifacts, checkpoint, lora, sft
+from llmnb import align, artifacts, checkpoint, evaluation, lora, sft
 from llmnb.hardware import reset_peak_resident, resident_bytes
 
 job = json.loads(sys.argv[1])
@@ -88,7 +88,7 @@ else:
         from trl import GRPOConfig, GRPOTrainer
 
         def reward(completions, answer, **kwargs):
-            return [float(sft.last_number(c[0]["content"]) == a) for c, a in zip(completions, answer)]
+            return [float(evaluation.last_number(c[0]["content"]) == a) for c, a in zip(completions, answer)]
 
         rows = Dataset.from_list([{"prompt": [{"role": "system", "content": e.system}, {"role": "user", "content": e.prompt}], "answer": e.answer}
                                   for e in prompts])

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from llmnb import checkpoint, data, prune
+    from llmnb import checkpoint, data, evaluation, prune
     from llmnb import gguf as gg
     from llmnb import onnx_runtime as ox
     from llmnb import quantize as q
@@ -52,7 +52,7 @@ def main() -> None:
     rows = {}
 
     def torch_row(name, m):
-        rows[name] = {"bytes": q.model_bytes(m), "perplexity": q.perplexity(m, ids),
+        rows[name] = {"bytes": q.model_bytes(m), "perplexity": evaluation.perplexity(m, ids),
                       "tokens/s": q.decode_speed(m, prompt, args.tokens, repeats=args.repeats)}
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
 
@@ -76,7 +76,7 @@ def main() -> None:
     ox.quantize_int8(onnx_dir)
     for label, file in [("ONNX Runtime fp32", ox.FP32_FILE), ("ONNX Runtime int8", ox.INT8_FILE)]:
         runner = ox.OnnxModel(onnx_dir / file)
-        rows[label] = {"bytes": sum(p.stat().st_size for p in onnx_dir.glob(file + "*")), "perplexity": q.perplexity(runner, ids),
+        rows[label] = {"bytes": sum(p.stat().st_size for p in onnx_dir.glob(file + "*")), "perplexity": evaluation.perplexity(runner, ids),
                        "tokens/s": runner.decode_speed(prompt, args.tokens, repeats=args.repeats)}
         print(label, rows[label], flush=True)
     folder = outputs_dir("benchmarks", "gguf")
@@ -86,7 +86,7 @@ def main() -> None:
         request = {"prompt": prompt[0].tolist(), "max_tokens": args.tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
         speed = max(server.handle_completions(request)["timings"]["predicted_per_second"] for _ in range(args.repeats + 1))
         weights = gg.file_weights(model, qtype) if model.config.flavour == "llama" else model
-        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, "perplexity": q.perplexity(weights, ids), "tokens/s": speed}
+        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, "perplexity": evaluation.perplexity(weights, ids), "tokens/s": speed}
         print(f"llama.cpp {qtype}", rows[f"llama.cpp {qtype}"], flush=True)
         del server
 

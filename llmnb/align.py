@@ -28,7 +28,8 @@ from . import lora
 from .data import pad_rows
 from .generate import generate
 from .model import GPT, token_logprobs
-from .sft import Example, last_number, prompt_ids, render
+from .evaluation import last_number
+from .sft import Example, prompt_ids, render
 
 # --- preference data -------------------------------------------------------------------------
 

@@ -1,24 +1,31 @@
-"""How good is a model: perplexity, scores with their intervals, paired comparisons and contamination, in one place.
+"""How good is a model, and how sure is that: the collection's one place for scores, intervals and contamination.
 
     ppl = perplexity(model, windows)                  # exp(mean next-token loss) over rows of token ids
+    replies = answers(model, tokenizer, prompts, system)   # greedy replies through the chat template
+    score, replies = accuracy(model, tokenizer, examples)  # share whose last number is the answer
+    nll = response_nll(model, rendered)               # the loss on held-out replies (nats per token)
     low, high = wilson_interval(right, n)             # a score's 95 % interval
     diff, low, high, p = paired_difference(a, b)      # two models on the same items: the interval and McNemar's p
     share = contaminated(items, training_texts)       # items sharing a 13-gram with what a model was trained on
 
-Task scores themselves come from EleutherAI's lm-evaluation-harness (`llmnb.report_card`); this module keeps the
-arithmetic every notebook needs around them. The n-grams are the harness's own (`lm_eval.decontamination.janitor`'s
-normalisation: lower case, punctuation out), the 13 words GPT-3's paper used.
+Notebooks 04-06 score their models with these; notebook 08's report card scores every model with EleutherAI's
+lm-evaluation-harness (`llmnb.report_card`) and reads its results with the intervals here. The n-grams are GPT-3's
+paper's: 13 words, lower case, punctuation out (as lm-eval's decontamination tools), arithmetic operators kept.
 """
 from __future__ import annotations
 
-import functools
 import math
+import re
+import string
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .model import token_logprobs
+from .data import pad_rows
+from .generate import generate
+from .model import GPT, token_logprobs
+from .sft import Example, prompt_ids
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95 % interval
 NGRAM = 13
@@ -26,9 +33,62 @@ NGRAM = 13
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over rows of token ids (every row the same length); any model `token_logprobs` takes."""
+    """exp(mean next-token loss) over rows of token ids (every row the same length)."""
     total = [token_logprobs(model, windows[i:i + batch_size]).double().sum() for i in range(0, len(windows), batch_size)]
     return float(torch.exp(-torch.stack(total).sum() / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+@torch.no_grad()
+def answers(model, tokenizer, prompts: list[str], system: str = "", max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
+    """Greedy replies, left-padded batches; `model` is llmnb's GPT or a `transformers` causal LM (peft, 4-bit...)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_rows([prompt_ids(tokenizer, p, system) for p in prompts[start:start + batch_size]], pad, "left")
+        ids, mask = ids.to(device), mask.to(device)
+        if isinstance(model, GPT):
+            tokens = generate(model, ids, max_new_tokens, temperature=0, stop_tokens=[tokenizer.eos_token_id], attention_mask=mask)
+        else:
+            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out += tokenizer.batch_decode(tokens[:, ids.shape[1]:], skip_special_tokens=True)
+    return [a.strip() for a in out]
+
+
+def last_number(text: str) -> str | None:
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 16) -> tuple[float, list[str]]:
+    """Share of examples whose reply's last number is the exact answer (a chatty "8 - 3 = 5" counts), and the replies."""
+    systems = {e.system for e in examples}
+    if len(systems) != 1:
+        raise ValueError(f"score examples of one system message at a time, got {sorted(systems)}")
+    replies = answers(model, tokenizer, [e.prompt for e in examples], systems.pop(), max_new_tokens)
+    right = [last_number(r) == e.answer for r, e in zip(replies, examples)]
+    return sum(right) / len(right), replies
+
+
+@torch.no_grad()
+def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int = 0, batch_size: int = 16) -> float:
+    """Mean negative log-likelihood (nats) of the response tokens given their prompts: exp() of it is their perplexity."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(rendered), batch_size):
+        chunk = rendered[start:start + batch_size]
+        ids, mask = pad_rows([p + r for p, r in chunk], pad_id)
+        learn = torch.zeros(len(chunk), ids.shape[1] - 1, dtype=torch.bool)
+        for i, (p, r) in enumerate(chunk):
+            learn[i, len(p) - 1:len(p) + len(r) - 1] = True  # position t predicts token t + 1
+        logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
+        total -= logprobs[learn].sum().item()
+        count += int(learn.sum())
+    model.train(was_training)
+    return total / count
+
 
 
 def wilson_interval(right: int, n: int) -> tuple[float, float]:
@@ -67,16 +127,14 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
-@functools.cache
-def _janitor():
-    from lm_eval.decontamination.janitor import Janitor  # the notebooks extra: only where contamination is measured
-
-    return Janitor()
+# GPT-3's normalisation (lm-eval's decontamination Janitor: lower case, punctuation deleted), except that arithmetic's
+# operators are kept: deleting them would make "91 - 50" and "91 + 50" the same item.
+_NORMALISE = str.maketrans(string.ascii_uppercase, string.ascii_lowercase, "".join(c for c in string.punctuation if c not in "+-*/="))
 
 
 def words(text: str) -> list[str]:
-    """The harness's normalisation (lower case, punctuation removed), split into words."""
-    return _janitor().normalize_string(text).split()
+    """`text` lower-cased, punctuation but arithmetic operators removed, split into words."""
+    return text.translate(_NORMALISE).split()
 
 
 def ngram_set(texts: Iterable[str], n: int = NGRAM) -> set[int]:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .generate import generate
 from .lora import adapters
-from .model import GPT, GPTConfig, rope_tables, swap_module, token_logprobs
+from .model import GPT, GPTConfig, rope_tables, swap_module
 from .paths import write_atomic
 
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # QLoRA's block sizes: weights per absmax, absmaxes per second-level scale
@@ -506,13 +506,6 @@ def _bnb_packed(layer: nn.Module, name: str, wanted: bool | None) -> bool:
             f"{name} is {layer.in_features} -> {layer.out_features}: inputs must be a multiple of {BNB_BLOCK}, outputs of {BNB_PACKED_ROWS}"
         raise ValueError(f"bitsandbytes' packed CPU path is not available: {why}; pass bnb_packed=None to let it choose")
     return cpu_has_it and fits and wanted is not False
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over rows of token ids (every row the same length)."""
-    total = [token_logprobs(model, windows[i:i + batch_size]).double().sum() for i in range(0, len(windows), batch_size)]
-    return float(torch.exp(-torch.stack(total).sum() / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
 def decode_speed(model: GPT, prompt: torch.Tensor, new_tokens: int = 16, repeats: int = 2) -> float:

@@ -116,7 +116,7 @@ def nextline_items(scenes: list[Document], n: int, seed: int = 0) -> list[dict]:
 def arithmetic_items(tokenizer, n: int, exclude: list[sft.Example] = ()) -> list[dict]:
     """Problems whose expression occurs in none of `exclude` (the training sets), rendered in the chat template as
     notebook 04 asks them."""
-    fresh = sft.held_out(list(exclude), sft.arithmetic_examples(2 * n, ARITHMETIC_SEED))[:n]
+    fresh = sft.held_out(list(exclude), sft.arithmetic_examples(3 * n, ARITHMETIC_SEED))[:n]  # about 1 in 10 repeats a training one
     if len(fresh) < n:
         raise ValueError(f"only {len(fresh)} of {n} problems differ from the training ones: ask for fewer")
     return [{"prompt": tokenizer.decode(sft.prompt_ids(tokenizer, e.prompt, e.system)), "question": e.prompt, "answer": e.answer}

@@ -7,9 +7,8 @@ Every source gives `Example(prompt, response)`:
     read_examples("data.jsonl")             Alpaca / Dolly / prompt-response rows, from a file or "hf:<dataset>"
 
 `pairs(tokenizer, examples, system)` renders them with the tokenizer's chat template into
-(prompt ids, response ids), the shape `llmnb.data.PairBatches` masks the prompt of; `answers`
-generates greedy replies in batches, `accuracy` scores them, `response_nll` is the loss on
-held-out replies. `python -m llmnb.sft` (or `torchrun ... -m llmnb.sft`) fine-tunes a base with
+(prompt ids, response ids), the shape `llmnb.data.PairBatches` masks the prompt of; replies are
+generated and scored by `llmnb.evaluation` (`answers`, `accuracy`, `response_nll`). `python -m llmnb.sft` (or `torchrun ... -m llmnb.sft`) fine-tunes a base with
 LoRA, or fully, from a JSONL file, with the training loop of `llmnb.train`.
 """
 from __future__ import annotations
@@ -18,7 +17,6 @@ import argparse
 import copy
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +24,10 @@ import torch
 
 from . import lora
 from .checkpoint import load
-from .data import Document, PairBatches, load_corpus, pad_rows
-from .generate import generate
+from .data import Document, PairBatches, load_corpus
 from .hardware import rank, world_size
 from .hf_bridge import to_hf
-from .model import GPT, token_logprobs
+from .model import GPT
 from .train import TrainConfig, TrainResult, parse_settings, train
 
 ARITHMETIC_SYSTEM = "Answer with the number only."
@@ -182,58 +179,6 @@ def batches(tokenizer, examples: list[Example], block_size: int, seed: int, batc
 
 
 # --- scoring ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def answers(model, tokenizer, prompts: list[str], system: str = "", max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-    """Greedy replies, left-padded batches; `model` is llmnb's GPT or a `transformers` causal LM (peft, 4-bit...)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = pad_rows([prompt_ids(tokenizer, p, system) for p in prompts[start:start + batch_size]], pad, "left")
-        ids, mask = ids.to(device), mask.to(device)
-        if isinstance(model, GPT):
-            tokens = generate(model, ids, max_new_tokens, temperature=0, stop_tokens=[tokenizer.eos_token_id], attention_mask=mask)
-        else:
-            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        out += tokenizer.batch_decode(tokens[:, ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in out]
-
-
-def last_number(text: str) -> str | None:
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
-    return numbers[-1] if numbers else None
-
-
-def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 16) -> tuple[float, list[str]]:
-    """Share of examples whose reply's last number is the exact answer (a chatty "8 - 3 = 5" counts), and the replies."""
-    systems = {e.system for e in examples}
-    if len(systems) != 1:
-        raise ValueError(f"score examples of one system message at a time, got {sorted(systems)}")
-    replies = answers(model, tokenizer, [e.prompt for e in examples], systems.pop(), max_new_tokens)
-    right = [last_number(r) == e.answer for r, e in zip(replies, examples)]
-    return sum(right) / len(right), replies
-
-
-@torch.no_grad()
-def response_nll(model, rendered: list[tuple[list[int], list[int]]], pad_id: int = 0, batch_size: int = 16) -> float:
-    """Mean negative log-likelihood (nats) of the response tokens given their prompts: exp() of it is their perplexity."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(rendered), batch_size):
-        chunk = rendered[start:start + batch_size]
-        ids, mask = pad_rows([p + r for p, r in chunk], pad_id)
-        learn = torch.zeros(len(chunk), ids.shape[1] - 1, dtype=torch.bool)
-        for i, (p, r) in enumerate(chunk):
-            learn[i, len(p) - 1:len(p) + len(r) - 1] = True  # position t predicts token t + 1
-        logprobs = token_logprobs(model, ids.to(device), mask.to(device)).cpu()
-        total -= logprobs[learn].sum().item()
-        count += int(learn.sum())
-    model.train(was_training)
-    return total / count
 
 
 # --- notebook 04's recipe: its data split and its run, for the notebook and for llmnb.artifacts -----------

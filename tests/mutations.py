@@ -186,6 +186,18 @@ MUTATIONS = [
              "kv_rows = slice(tp_rank * kv_heads * c.head_dim, (tp_rank + 1) * kv_heads * c.head_dim)",
              "kv_rows = slice((1 - tp_rank) * kv_heads * c.head_dim, (2 - tp_rank) * kv_heads * c.head_dim)",
              ("tests/test_parallel.py::test_tensor_parallel_mlp_and_attention_equal_one_process_after_one_all_reduce",)),
+    Mutation("lm-eval under our GPT: the log-likelihood read one position late", "llmnb/report_card.py",
+             "positions = slice(len(r) - 1 - n, len(r) - 1)", "positions = slice(len(r) - n, len(r))",
+             ("tests/test_report_card.py::test_our_gpt_under_the_harness_scores_as_its_hf_model_type",)),
+    Mutation("lm-eval under our GPT: a text's first token predicted from end-of-text, not BOS", "llmnb/report_card.py",
+             "return bos if bos is not None else self.eot_token_id", "return self.eot_token_id",
+             ("tests/test_report_card.py::test_our_gpt_under_the_harness_scores_as_its_hf_model_type",)),
+    Mutation("contamination: short items never checked", "llmnb/evaluation.py", "k = min(n, len(w))\n", "k = n\n",
+             ("tests/test_evaluation.py::test_contamination_finds_a_planted_duplicate_and_only_it",)),
+    Mutation("echo: prompt log-probabilities shifted by one token", "llmnb/serve/served.py",
+             "picked = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()",
+             "picked = logprobs.gather(1, torch.tensor(ids[:-1])[:, None])[:, 0].tolist()",
+             ("tests/test_serve.py::test_echo_returns_each_prompt_tokens_log_probability_for_a_batch_of_prompts",)),
 ]
 
 

@@ -1,10 +1,12 @@
-"""llmnb.evaluation: intervals against their textbook values, McNemar against scipy's binomial test, perplexity against
-a direct computation, and the contamination check on planted duplicates."""
+"""llmnb.evaluation: reply loss and greedy replies against transformers on the same weights, perplexity against a direct
+computation, intervals against their textbook values, McNemar against scipy's binomial test, and the contamination
+check on planted duplicates."""
 import math
 
 import pytest
 import torch
 
+from llmnb import evaluation, sft
 from llmnb.evaluation import contaminated, mcnemar_p, paired_difference, perplexity, wilson_interval
 from llmnb.model import GPT, GPTConfig
 
@@ -36,6 +38,18 @@ def test_mcnemar_and_the_paired_difference_against_scipy():
         paired_difference([1], [1, 0])
 
 
+def test_contamination_finds_a_planted_duplicate_and_only_it():
+    training = ["Now is the winter of our discontent made glorious summer by this sun of York, and all the clouds that lour'd",
+                "What is 12 plus 7?"]
+    items = ["NOW is the winter of our discontent made glorious summer by this sun of York; and all",  # 13+ words, case and punctuation differ
+             "Now is the winter of our content made glorious summer by this son of Yorkshire and all the",  # no 13-gram in common
+             "what is 12 plus 7",   # short: found whole
+             "what is 13 plus 7",
+             "Compute 12 + 7.", "Compute 12 - 7."]  # operators are not punctuation here: only the first was trained on
+    training.append("Compute 12 + 7 .")
+    assert contaminated(items, training) == [True, False, True, False, True, False]
+
+
 def test_perplexity_is_the_exponent_of_the_mean_next_token_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig.llama(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
@@ -46,11 +60,26 @@ def test_perplexity_is_the_exponent_of_the_mean_next_token_loss():
     assert perplexity(model, windows, batch_size=2) == pytest.approx(math.exp(loss.item()), rel=1e-5)
 
 
-def test_contamination_finds_a_planted_duplicate_and_only_it():
-    training = ["Now is the winter of our discontent made glorious summer by this sun of York, and all the clouds that lour'd",
-                "What is 12 plus 7?"]
-    items = ["NOW is the winter of our discontent made glorious summer by this sun of York; and all",  # 13+ words, case and punctuation differ
-             "Now is the winter of our content made glorious summer by this son of Yorkshire and all the",  # no 13-gram in common
-             "what is 12 plus 7",   # short: found whole
-             "what is 13 plus 7"]
-    assert contaminated(items, training) == [True, False, True, False]
+def test_response_loss_and_greedy_answers_agree_with_transformers_on_the_same_weights(tiny_base, chat_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    folder, ours = tiny_base
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    examples = sft.arithmetic_examples(6, seed=4)
+    rendered = sft.pairs(chat_tokenizer, examples)
+    nll = evaluation.response_nll(ours, rendered, batch_size=4)
+    assert nll == pytest.approx(evaluation.response_nll(theirs, rendered, batch_size=3), abs=1e-4)
+    # and directly: the cross-entropy of each response token given everything before it, one example at a time
+    direct = []
+    for prompt, response in rendered:
+        logits = theirs(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        direct.append(torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item())
+    assert nll == pytest.approx(sum(direct) / sum(len(r) for _, r in rendered), abs=1e-4)
+    prompts = [e.prompt for e in examples]  # of different lengths: left padding must not change a reply
+    ours_replies = evaluation.answers(ours, chat_tokenizer, prompts, sft.ARITHMETIC_SYSTEM, max_new_tokens=6, batch_size=4)
+    assert ours_replies == evaluation.answers(theirs, chat_tokenizer, prompts, sft.ARITHMETIC_SYSTEM, max_new_tokens=6, batch_size=6)
+    assert ours_replies[1] == evaluation.answers(ours, chat_tokenizer, prompts[1:2], sft.ARITHMETIC_SYSTEM, max_new_tokens=6)[0]
+
+
+def test_the_last_number_of_a_reply_is_its_answer():
+    assert [evaluation.last_number(t) for t in ("5", "8 - 3 = 5.", "It is -12", "1,024", "none")] == ["5", "5", "-12", "1024", None]

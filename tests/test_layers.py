@@ -12,9 +12,10 @@ LAYERS = [
     ["paths", "hub", "tools"],                                   # infrastructure
     ["presets", "record", "tokenizer", "budget", "hardware", ""],  # "" is the package itself (llmnb/__init__.py)
     ["model", "hf_bridge"],                                      # the GPT and its one name map to Hugging Face's
-    ["generate", "lora", "quantize", "prune", "gguf", "onnx_runtime", "checkpoint", "assets", "data", "evaluation"],
+    ["generate", "lora", "quantize", "prune", "gguf", "onnx_runtime", "checkpoint", "assets", "data"],
     ["train", "parallel", "measure"],
     ["sft"],
+    ["evaluation"],                                              # scores, intervals, contamination: one place
     ["align", "report_card"],                                    # notebook 08's tasks over the stages' data
     ["serve"],                                                   # the package and its modules
     ["artifacts", "runner"],
@@ -32,8 +33,7 @@ LOCAL_IMPORTS = {
     "datasets": "only for hub datasets (hf:<id>), which need the network",
     "reasoning_gym": "imports a hundred task modules (seconds): only when arithmetic problems are generated",
     "onnxruntime": "the notebooks extra: ONNX Runtime, only where an exported graph is run or quantized",
-    "lm_eval": "the notebooks extra: the harness's evaluator imports every model type it knows (~2 s), and its decontamination "
-               "tools are needed only where contamination is measured",
+    "lm_eval": "the notebooks extra: the harness's evaluator imports every model type it knows (~2 s); only where tasks are scored",
     "xllamacpp": "llama.cpp's server wheel: only when a GGUF file is served or read back",
     "tiktoken": "reads TIKTOKEN_CACHE_DIR, which must point at the offline cache first",
     "sentencepiece": "the notebooks extra: notebook 01 sets SentencePiece beside our BPE; serving does not install it",
