@@ -168,7 +168,8 @@ def task_yaml(name: str, data_file: Path) -> str:
                          "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
                          "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
         "multiple_choice": 'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\ntarget_delimiter: ""\n'
-                           "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+                           "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+                           "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n",
         "generate_until": 'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
                           f"generation_kwargs:\n  until: [{json.dumps(STOP)}]\n  max_gen_toks: 16\n  do_sample: false\n"
                           "filter_list:\n  - name: last_number\n    filter:\n"
@@ -176,7 +177,9 @@ def task_yaml(name: str, data_file: Path) -> str:
                           "      - function: take_first\n"
                           "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n",
         "loglikelihood_rolling": 'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                                 "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
+                                 "metric_list:\n" + "".join(f"  - metric: {m}\n    aggregation: {a}\n    higher_is_better: false\n" for m, a in
+                                                            (("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+                                                             ("bits_per_byte", "bits_per_byte"))),
     }[TASKS[name].output_type]
     return head + body + "metadata:\n  version: 1.0\n"
 
