@@ -19,6 +19,7 @@ The harness does the scoring: its task YAML with local JSON files (`dataset_path
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -76,10 +77,15 @@ class TaskSizes:
 def heldout_scenes(val_fraction: float = 0.1) -> list[Document]:
     """Scenes no model here trained on: in pretraining's validation split (notebooks 01 and 03) and in the plays
     fine-tuning holds out (notebook 04)."""
-    plays = sft.held_out_plays(sft.dialogue_examples(data.load_corpus("shakespeare").documents))
-    cleaned, _ = data.clean(data.load_corpus("shakespeare"))
-    _, val = data.split_documents(cleaned.documents, val_fraction)
-    return [d for d in val if d.id.split("/")[0] in plays]
+    return list(_heldout_scenes(val_fraction))
+
+
+@functools.cache
+def _heldout_scenes(val_fraction: float) -> tuple[Document, ...]:  # cleaning the corpus takes seconds: once per process
+    corpus = data.load_corpus("shakespeare")
+    plays = sft.held_out_plays(sft.dialogue_examples(corpus.documents))
+    _, val = data.split_documents(data.clean(corpus)[0].documents, val_fraction)
+    return tuple(d for d in val if d.id.split("/")[0] in plays)
 
 
 def _speeches(doc: Document) -> list[list[str]]:

@@ -53,9 +53,15 @@ def test_held_out_items_come_from_scenes_no_model_trained_on():
 
 
 def test_our_gpt_under_the_harness_scores_as_its_hf_model_type(tiny, task_dir):
+    from lm_eval.models.huggingface import HFLM
+
     folder, model, tokenizer = tiny
-    ours = rc.score(rc.LlmnbLM(model, tokenizer, batch_size=4), None, task_dir)
-    theirs = rc.score("hf", {"pretrained": str(folder)}, task_dir, batch_size=4)
+    ours_lm, hf_lm = rc.LlmnbLM(model, tokenizer, batch_size=4), HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4)
+    text = "Now is the winter of our discontent"
+    assert (ours_lm.prefix_token_id, ours_lm.eot_token_id, ours_lm.tok_encode(text)) == (hf_lm.prefix_token_id, hf_lm.eot_token_id,
+                                                                                          hf_lm.tok_encode(text))
+    ours = rc.score(ours_lm, None, task_dir)
+    theirs = rc.score(hf_lm, None, task_dir)
     for name in rc.TASKS:
         assert ours[name]["items"] == theirs[name]["items"], name
         assert ours[name]["value"] == pytest.approx(theirs[name]["value"], rel=1e-4, abs=1e-6), name
