@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import lora
 from .data import pad_rows
 from .generate import generate
-from .model import GPT, token_logprobs
+from .model import GPT, PrefixCache, token_logprobs
 from .evaluation import last_number
 from .sft import Example, prompt_ids, render
 
@@ -56,8 +56,8 @@ def verifier_preferences(model: GPT, tokenizer, examples: list[Example], samples
     pairs the reference answer with a wrong sample (the answer key as the preferred reply), else
     the prompt gives none. `source` says which: "sampled" or "reference".
     """
-    rollout = sample_rollout(model, [prompt_ids(tokenizer, e.prompt, e.system) for e in examples for _ in range(samples)],
-                             max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
+    rollout = sample_rollout(model, [prompt_ids(tokenizer, e.prompt, e.system) for e in examples], max_new_tokens,
+                             tokenizer.pad_token_id, tokenizer.eos_token_id, seed, samples)
     replies = decode_responses(tokenizer, rollout)
     out = []
     for i, example in enumerate(examples):
@@ -192,6 +192,7 @@ class Rollout:
     mask: torch.Tensor  # (B, P + R): 1 = a real token
     prompt_width: int
     logprobs: torch.Tensor  # (B, R): log-probabilities of the sampled tokens under the policy that sampled them
+    group: int = 1  # rows i*group ... (i+1)*group - 1 answer one prompt: its forward pass is shared by them
 
     @property
     def response(self) -> torch.Tensor:
@@ -203,20 +204,24 @@ class Rollout:
 
 
 def sample_rollout(model: GPT, prompts: list[list[int]], max_new_tokens: int, pad_id: int, stop_token: int | None,
-                   seed: int) -> Rollout:
-    """Sample one response per prompt at temperature 1 (so the sampler is the policy whose ratio PPO takes)."""
+                   seed: int, samples: int = 1) -> Rollout:
+    """Sample `samples` responses per prompt at temperature 1 (so the sampler is the policy whose ratio PPO takes).
+
+    A prompt is prefilled once for all its samples, and every sample of the batch decodes together.
+    """
     device = model.wte.weight.device
     ids, mask = pad_rows(prompts, pad_id, "left")
     ids, mask = ids.to(device), mask.to(device)
     out, logprobs = generate(model, ids, max_new_tokens, temperature=1.0, stop_tokens=None if stop_token is None else [stop_token],
-                             attention_mask=mask, seed=seed, return_logprobs=True)
+                             attention_mask=mask, seed=seed, return_logprobs=True, samples=samples)
+    mask = mask.repeat_interleave(samples, dim=0)
     response = out[:, ids.shape[1]:]
     if stop_token is None:
         keep = torch.ones_like(response)
     else:  # keep up to and including the first stop token: the model learns when to stop
         stops = (response == stop_token).long()
         keep = (stops.cumsum(-1) - stops == 0).long()
-    return Rollout(out, torch.cat([mask, keep], dim=1), ids.shape[1], logprobs * keep)
+    return Rollout(out, torch.cat([mask, keep], dim=1), ids.shape[1], logprobs * keep, samples)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
@@ -224,13 +229,30 @@ def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
+def response_hidden(model: GPT, rollout: Rollout) -> torch.Tensor:
+    """Hidden states (B, R, C) at the positions that predict the response tokens (the last prompt token's onward).
+
+    A group's prompt goes through the model once; its keys and values (with their gradients)
+    are shared by the group's replies, which continue from them.
+    """
+    p, g, ids, mask = rollout.prompt_width, rollout.group, rollout.ids, rollout.mask
+    if g == 1:
+        return model.hidden_states(ids, attention_mask=mask)[:, p - 1:-1]  # position t predicts token t + 1
+    prefix = PrefixCache(model.config.n_layer)
+    last = model.hidden_states(ids[::g, :p], attention_mask=mask[::g, :p], cache=prefix)[:, -1:]  # (B/g, 1, C)
+    last = last.repeat_interleave(g, dim=0)  # (B, 1, C)
+    if ids.shape[1] - p == 1:
+        return last
+    replies = model.hidden_states(ids[:, p:-1], attention_mask=mask[:, :-1], cache=prefix.repeat_interleave(g))  # (B, R-1, C)
+    return torch.cat([last, replies], dim=1)
+
+
 def response_logprobs(model: GPT, rollout: Rollout, value_head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities (B, R) of the rollout's response tokens under `model`, and the value head's estimates there.
 
     The output head runs on the response positions only: the prompt is most of the row.
     """
-    hidden = model.hidden_states(rollout.ids, attention_mask=rollout.mask)  # (B, P + R, C)
-    h = hidden[:, rollout.prompt_width - 1:-1]  # (B, R, C): position t predicts token t + 1
+    h = response_hidden(model, rollout)  # (B, R, C)
     logits = model.lm_head(h).float()  # (B, R, vocab)
     logprobs = -F.cross_entropy(logits.flatten(0, 1), rollout.response.flatten(), reduction="none").view_as(rollout.logprobs)
     mask = rollout.response_mask
@@ -250,6 +272,13 @@ def reference_logprobs(policy: GPT, rollout: Rollout) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def reply_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi || ref) of each reply (B,) from its sampled tokens alone: Schulman's k3 estimator, exp(d) - d - 1 with
+    d = log ref - log pi, summed over the reply. Unbiased like log pi - log ref, but never negative."""
+    d = (ref_logprobs - logprobs) * mask
+    return (torch.exp(d) - d - 1).sum(-1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -407,7 +436,7 @@ def ppo_update(policy: GPT, value_head: nn.Module, optimizer: torch.optim.Optimi
     started = time.perf_counter()
     with torch.no_grad():
         _, old_values = response_logprobs(policy, rollout, value_head)
-        rewards, kl = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, mask, config.kl_coef)
+        rewards, _ = kl_penalized_rewards(scores, rollout.logprobs, ref_logprobs, mask, config.kl_coef)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
     value_seconds = time.perf_counter() - started
@@ -425,7 +454,7 @@ def ppo_update(policy: GPT, value_head: nn.Module, optimizer: torch.optim.Optimi
             optimizer.step()
             stats.append((pg.item(), vf.item(), clipped.item()))
     pg, vf, clipped = (sum(s[i] for s in stats) / len(stats) for i in range(3))
-    return {"reward": scores.mean().item(), "kl": kl.sum(-1).mean().item(), "policy_loss": pg, "value_loss": vf, "clip_fraction": clipped,
+    return {"reward": scores.mean().item(), "kl": reply_kl(rollout.logprobs, ref_logprobs, mask).mean().item(), "policy_loss": pg, "value_loss": vf, "clip_fraction": clipped,
             "seconds value pass": value_seconds}
 
 
@@ -443,7 +472,7 @@ def grpo_update(policy: GPT, optimizer: torch.optim.Optimizer, rollout: Rollout,
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
-    kl = ((rollout.logprobs - ref_logprobs) * mask).sum(-1).mean().item() if ref_logprobs is not None else float("nan")
+    kl = reply_kl(rollout.logprobs, ref_logprobs, mask).mean().item() if ref_logprobs is not None else float("nan")
     return {"reward": scores.mean().item(), "kl": kl, "loss": sum(losses) / len(losses)}
 
 
@@ -479,8 +508,9 @@ def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config
     """One rollout and its updates, by `config.method`; also where the time went."""
     tok, policy, timings = state.tokenizer, state.policy, {}
     started = time.perf_counter()
-    prompts = [prompt_ids(tok, e.prompt, e.system) for e in examples for _ in range(config.samples_per_prompt)]
-    rollout = sample_rollout(policy, prompts, config.max_new_tokens, tok.pad_token_id, tok.eos_token_id, config.seed * 100_003 + step)
+    prompts = [prompt_ids(tok, e.prompt, e.system) for e in examples]
+    rollout = sample_rollout(policy, prompts, config.max_new_tokens, tok.pad_token_id, tok.eos_token_id, config.seed * 100_003 + step,
+                             config.samples_per_prompt)
     started = _timed(timings, "generation", started)
     replies = decode_responses(tok, rollout)
     scores = checked_scores(reward_fn, [e for e in examples for _ in range(config.samples_per_prompt)], replies, rollout, step)
@@ -523,7 +553,17 @@ def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config
 
 @torch.no_grad()
 def kl_from_reference(policy: GPT, tokenizer, examples: list[Example], max_new_tokens: int, samples: int = 2, seed: int = 1234) -> float:
-    """Mean KL(policy || reference) per reply, in nats: sum over the policy's sampled tokens of log pi - log ref."""
-    prompts = [prompt_ids(tokenizer, e.prompt, e.system) for e in examples for _ in range(samples)]
-    rollout = sample_rollout(policy, prompts, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
-    return ((rollout.logprobs - reference_logprobs(policy, rollout)) * rollout.response_mask).sum(-1).mean().item()
+    """Mean KL(policy || reference) per reply, in nats, never negative.
+
+    At every position of the policy's sampled replies, the KL between the two next-token
+    distributions over the whole vocabulary, summed over the reply: by the chain rule its mean
+    is the KL between the two models' reply distributions, with far less noise than
+    log pi - log ref of the sampled tokens alone (which can come out negative).
+    """
+    prompts = [prompt_ids(tokenizer, e.prompt, e.system) for e in examples]
+    rollout = sample_rollout(policy, prompts, max_new_tokens, tokenizer.pad_token_id, tokenizer.eos_token_id, seed, samples)
+    logprobs = policy.lm_head(response_hidden(policy, rollout)).float().log_softmax(-1)  # (B, R, vocab)
+    with lora.disabled(policy):
+        ref = policy.lm_head(response_hidden(policy, rollout)).float().log_softmax(-1)
+    per_token = (logprobs.exp() * (logprobs - ref)).sum(-1)  # (B, R)
+    return (per_token * rollout.response_mask).sum(-1).mean().item()

@@ -4,6 +4,7 @@ Apart from the model, as in nanochat's `engine.py`: the model computes logits fo
 tokens it is given; this module decides which token comes next and keeps the cache.
 
     tokens = generate(model, prompt, 32, temperature=0)             # (batch, prompt + 32)
+    tokens = generate(model, prompt, 8, samples=4)                  # (batch x 4, prompt + 8): one prefill per prompt
     tokens, logprobs = generate(model, prompt, 32, return_logprobs=True)
     for token, logprob in generate_stream(model, prompt, 32): ...   # (batch,) each step
 
@@ -23,34 +24,38 @@ from .model import GPT, KVCache
 @torch.no_grad()
 def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: list[int] | None = None,
-                    attention_mask: torch.Tensor | None = None, seed: int | None = None,
+                    attention_mask: torch.Tensor | None = None, seed: int | None = None, samples: int = 1,
                     use_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next token, its log-probability) of every row, each (batch,), as they are produced.
+    """Yield (next token, its log-probability) of every row, each (batch x samples,), as they are produced.
 
     temperature 0 is greedy. Rows that produced a stop token keep yielding it, with
     log-probability 0. Prompts of different lengths are left-padded, with `attention_mask`
-    marking real tokens.
+    marking real tokens. `samples` continuations of each prompt (rows i*samples ... consecutive,
+    as transformers' num_return_sequences) share one prefill: the prompt is read once, its
+    keys and values copied to its samples.
     """
     check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.block_size)
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive integer (continuations per prompt), got {samples!r}")
     if max_new_tokens == 0:
         return
     b, t = idx.shape
     generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
     stops = torch.tensor(stop_tokens or [], device=idx.device, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+    done = torch.zeros(b * samples, dtype=torch.bool, device=idx.device)
     mask = attention_mask.clone().long() if attention_mask is not None else None  # None: no padding, the causal fast path
-    seq = idx
     cache = KVCache(model.config, b, t + max_new_tokens, idx.device, model.norm_f.weight.dtype) if use_cache else None
-    step_input = idx
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
-            if cache is not None:
-                hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)
-            else:
-                hidden = model.hidden_states(seq, attention_mask=mask)
-            logits = model.lm_head(hidden[:, -1, :]).float()  # (B, vocab): only the last position's logits are needed
+        hidden = model.hidden_states(idx, attention_mask=mask, cache=cache)[:, -1]  # (B, C): the prefill
+        if samples > 1:
+            hidden, idx = hidden.repeat_interleave(samples, dim=0), idx.repeat_interleave(samples, dim=0)
+            mask = mask.repeat_interleave(samples, dim=0) if mask is not None else None
+            cache = cache.repeat_interleave(samples) if cache is not None else None
+        seq = idx
+        for step in range(max_new_tokens):
+            logits = model.lm_head(hidden).float()  # (B, vocab): only the last position's logits are needed
             next_token = sample(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
             logprob = logits.log_softmax(-1).gather(1, next_token[:, None]).squeeze(1)
             if stops.numel():
@@ -59,11 +64,12 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
                 done |= torch.isin(next_token, stops)
             seq = torch.cat([seq, next_token[:, None]], dim=1)
             if mask is not None:
-                mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            step_input = next_token[:, None]
+                mask = torch.cat([mask, torch.ones(len(seq), 1, dtype=mask.dtype, device=mask.device)], dim=1)
             yield next_token, logprob
-            if stops.numel() and bool(done.all()):
+            if step + 1 == max_new_tokens or (stops.numel() and bool(done.all())):
                 return
+            step_input = next_token[:, None] if cache is not None else seq
+            hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]
     finally:
         model.train(was_training)
 
@@ -80,10 +86,11 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, return_logpr
         logprobs.append(logprob)
         if on_token is not None:
             on_token(token)
-    out = torch.cat([idx, torch.stack(tokens, dim=1)], dim=1) if tokens else idx
+    prompts = idx.repeat_interleave(options.get("samples", 1), dim=0)  # a row per sample
+    out = torch.cat([prompts, torch.stack(tokens, dim=1)], dim=1) if tokens else prompts
     if not return_logprobs:
         return out
-    return out, torch.stack(logprobs, dim=1) if logprobs else idx.new_zeros(idx.shape[0], 0, dtype=torch.float)
+    return out, torch.stack(logprobs, dim=1) if logprobs else prompts.new_zeros(prompts.shape[0], 0, dtype=torch.float)
 
 
 def check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size) -> None:

@@ -19,6 +19,7 @@ bridge. Sampling lives in `llmnb.generate`; `token_logprobs` scores given text.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields
 
@@ -176,6 +177,39 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    def repeat_interleave(self, n: int) -> KVCache:
+        """A cache of batch x n rows, each row's keys and values copied n times: n samples continue one prefilled prompt."""
+        out = copy.copy(self)
+        out.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        out.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+        return out
+
+
+class PrefixCache:
+    """Keys and values kept by concatenation instead of in a preallocated buffer, so gradients flow through them.
+
+    RLHF scores a group of replies to one prompt: the prompt's keys and values are computed once
+    (with gradients, when training) and shared by the group through `repeat_interleave`.
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0  # advanced by GPT.hidden_states, as KVCache's
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def repeat_interleave(self, n: int) -> PrefixCache:
+        out = PrefixCache(len(self.keys))
+        out.keys = [k.repeat_interleave(n, dim=0) for k in self.keys]
+        out.values = [v.repeat_interleave(n, dim=0) for v in self.values]
+        out.length = self.length
+        return out
+
 
 def attention_math(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v, spelled out; `mask` is boolean, True = may attend."""
@@ -201,7 +235,7 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: KVCache | PrefixCache | None, layer: int) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, c.n_head, c.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -284,7 +318,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                position_ids: torch.Tensor | None = None, cache: KVCache | PrefixCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (batch, time, vocab) and, with `targets`, the mean cross-entropy (ignore_index -100).
 
         Where some targets are -100 (fine-tuning's prompt and padding), the output head runs
@@ -305,7 +339,7 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(_fp32_or_wider(logits).view(-1, logits.size(-1)), targets.reshape(-1))
 
     def hidden_states(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | PrefixCache | None = None) -> torch.Tensor:
         """The final normalised hidden states (batch, time, n_embd): everything but the output head."""
         b, t = idx.shape
         past = cache.length if cache is not None else 0

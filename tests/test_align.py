@@ -300,3 +300,49 @@ def test_verifier_pairs_put_a_right_sample_over_a_wrong_one_and_the_answer_key_o
     assert [(p.prompt, p.chosen, p.rejected, p.source) for p in pairs] == [("What is 1 + 1?", "2", "3", "sampled")]
     with_key = align.verifier_preferences(None, tok, examples, samples=2, reference_when_none=True)
     assert [(p.chosen, p.rejected, p.source) for p in with_key] == [("2", "3", "sampled"), ("6", "5", "reference")]
+
+
+def test_a_group_shares_its_prompt_and_scores_as_separate_rows_do_with_gradients(tiny_base, chat_tokenizer):
+    """Shared prefill: the same tokens and log-probabilities as separate sampling, and the grouped forward pass (the
+    prompt once, its keys shared by the replies) gives the same log-probabilities and gradients as the full rows."""
+    _, base = tiny_base
+    policy = adapted(base)
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    grouped = align.sample_rollout(policy, prompts, 6, chat_tokenizer.pad_token_id, stop_token=None, seed=3, samples=4)
+    separate = align.sample_rollout(policy, [p for p in prompts for _ in range(4)], 6, chat_tokenizer.pad_token_id, stop_token=None, seed=3)
+    assert grouped.group == 4 and separate.group == 1
+    assert torch.equal(grouped.ids, separate.ids) and torch.equal(grouped.mask, separate.mask)
+    torch.testing.assert_close(grouped.logprobs, separate.logprobs, atol=1e-5, rtol=0)
+    grads = []
+    for rollout in (grouped, separate):
+        policy.zero_grad(set_to_none=True)
+        logprobs, _ = align.response_logprobs(policy, rollout)
+        torch.testing.assert_close(logprobs, rollout.logprobs, atol=1e-4, rtol=0)
+        (logprobs * torch.linspace(-1, 1, logprobs.numel()).view_as(logprobs)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_reported_kl_is_never_negative_and_zero_for_the_reference(tiny_base, chat_tokenizer):
+    _, base = tiny_base
+    logprobs, ref = torch.log(torch.tensor([[0.5, 0.2]])), torch.log(torch.tensor([[0.25, 0.4]]))
+    d = ref - logprobs
+    assert align.reply_kl(logprobs, ref, torch.ones(1, 2)).item() == pytest.approx((d.exp() - d - 1).sum().item())
+    assert align.reply_kl(logprobs, ref, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.exp(-math.log(2)) + math.log(2) - 1)
+    examples = [Example("What is 2 + 3?", "5", "5", system=ARITHMETIC_SYSTEM), Example("Compute 7 - 4.", "3", "3", system=ARITHMETIC_SYSTEM)]
+    start = copy.deepcopy(base)
+    lora.attach(start, "all-linear", r=4, alpha=8)  # B = 0: the policy is its reference
+    assert align.kl_from_reference(start, chat_tokenizer, examples, 4) == pytest.approx(0.0, abs=1e-6)
+    policy = adapted(base)
+    kls = [align.kl_from_reference(policy, chat_tokenizer, examples, 4, samples=2, seed=s) for s in range(3)]
+    assert all(k > 0 for k in kls)
+    # the same quantity summed by hand: sum_t sum_v pi(v) (log pi(v) - log ref(v)) over one sampled rollout
+    rollout = align.sample_rollout(policy, [align.prompt_ids(chat_tokenizer, e.prompt, e.system) for e in examples], 4,
+                                   chat_tokenizer.pad_token_id, chat_tokenizer.eos_token_id, seed=0, samples=2)
+    with torch.no_grad():
+        logits = policy(rollout.ids, attention_mask=rollout.mask)[0][:, rollout.prompt_width - 1:-1].double()
+        with lora.disabled(policy):
+            ref_logits = policy(rollout.ids, attention_mask=rollout.mask)[0][:, rollout.prompt_width - 1:-1].double()
+    p, q = logits.softmax(-1), ref_logits.softmax(-1)
+    direct = ((p * (p.log() - q.log())).sum(-1) * rollout.response_mask).sum(-1).mean().item()
+    assert align.kl_from_reference(policy, chat_tokenizer, examples, 4, samples=2, seed=0) == pytest.approx(direct, rel=1e-4)

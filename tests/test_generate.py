@@ -108,3 +108,20 @@ def test_sampling_draws_tokens_at_their_probabilities():
     p = logits[0].softmax(-1)
     standard_error = (p * (1 - p) / 20000).sqrt()  # of a frequency over 20000 draws; the seeded stream is the same on any CPU
     assert ((frequencies - p).abs() <= 4 * standard_error).all(), (frequencies - p) / standard_error
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_equal_separate_sampling(pair):
+    """samples=n prefills each prompt once; the tokens and log-probabilities are those of the prompt repeated n times."""
+    ours, _ = pair
+    x = torch.randint(1, 320, (3, 7))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # a left-padded row
+    shared, shared_lp = generate(ours, x, 9, temperature=1.0, seed=11, attention_mask=mask, samples=4, return_logprobs=True)
+    separate, separate_lp = generate(ours, x.repeat_interleave(4, 0), 9, temperature=1.0, seed=11,
+                                     attention_mask=mask.repeat_interleave(4, 0), return_logprobs=True)
+    assert shared.shape == (12, 16)
+    assert torch.equal(shared, separate)
+    torch.testing.assert_close(shared_lp, separate_lp, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in shared[:4, 7:].tolist()}) > 1, "the samples of one prompt must differ, not be copies"
+    with pytest.raises(ValueError, match="samples must be a positive integer"):
+        generate(ours, x, 2, samples=0)
