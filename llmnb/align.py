@@ -28,8 +28,8 @@ from . import lora
 from .data import pad_rows
 from .generate import generate
 from .model import GPT, PrefixCache, token_logprobs
-from .evaluation import last_number
-from .sft import Example, prompt_ids, render
+from .evaluation import last_number, paired_difference, wilson_interval
+from .sft import Example, arithmetic_examples, prompt_ids, render
 
 # --- preference data -------------------------------------------------------------------------
 
@@ -143,15 +143,27 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return -F.logsigmoid(chosen_reward - rejected_reward).mean(), chosen_reward.detach(), rejected_reward.detach()
 
 
-def dpo_batch_loss(policy: GPT, tokenizer, prefs: list[Preference], beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """DPO on one batch; the reference is the policy with its adapters off, computed on the fly as trl does by default."""
+def chosen_nll(chosen: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
+    """The chosen replies' mean loss per token, from their summed log-probabilities (B,) and completion mask (B, T)."""
+    return -chosen.sum() / completion[:, 1:].sum()
+
+
+def dpo_batch_loss(policy: GPT, tokenizer, prefs: list[Preference], beta: float, sft_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO on one batch; the reference is the policy with its adapters off, computed on the fly as trl does by default.
+
+    `sft_weight` > 0 adds that much of the chosen replies' mean token loss (RPO, Pang et al., 2024; trl's
+    loss_type=["sigmoid", "sft"]): DPO alone can lower the chosen reply's likelihood along with the rejected one's,
+    and on a task with one right answer that unlearns it.
+    """
     ids, mask, completion = (t.to(policy.wte.weight.device) for t in preference_batch(tokenizer, prefs, tokenizer.pad_token_id))
     with torch.no_grad(), lora.disabled(policy):
         ref_chosen, ref_rejected = sequence_logprobs(policy, ids, mask, completion).chunk(2)
     chosen, rejected = sequence_logprobs(policy, ids, mask, completion).chunk(2)
     loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+    if sft_weight:
+        loss = loss + sft_weight * chosen_nll(chosen, completion[:len(prefs)])
     return loss, {"accuracy": (chosen_reward > rejected_reward).float().mean().item(), "margin": (chosen_reward - rejected_reward).mean().item(),
-                  "kl": ((chosen - ref_chosen).detach().mean().item())}  # log pi/ref of the chosen replies: how far the policy moved
+                  "chosen log pi/ref": (chosen - ref_chosen).detach().mean().item()}  # below 0: the right reply grew less likely
 
 
 def rm_batch_loss(rm: RewardModel, tokenizer, prefs: list[Preference]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -162,8 +174,12 @@ def rm_batch_loss(rm: RewardModel, tokenizer, prefs: list[Preference]) -> tuple[
 
 def train_preferences(batch_loss: Callable[[list[Preference]], tuple[torch.Tensor, dict[str, float]]], params: list[nn.Parameter],
                       prefs: list[Preference], steps: int, batch_size: int, lr: float, seed: int = 0, seconds: float | None = None,
-                      max_grad_norm: float = 1.0, desc: str = "pairs", progress: bool = True) -> list[dict]:
-    """AdamW on `batch_loss` over batches of preference pairs drawn in a seeded order (the reward model's and DPO's loop)."""
+                      max_grad_norm: float = 1.0, desc: str = "pairs", progress: bool = True,
+                      on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """AdamW on `batch_loss` over batches of preference pairs drawn in a seeded order (the reward model's and DPO's loop).
+
+    `on_step` as in `train_rl`: after each step, its time left out of the budget.
+    """
     if len(prefs) < batch_size:
         raise ValueError(f"{len(prefs)} preference pairs, fewer than one batch of {batch_size}: sample more pairs or lower batch_size")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -180,6 +196,8 @@ def train_preferences(batch_loss: Callable[[list[Preference]], tuple[torch.Tenso
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         history.append({"step": step, "loss": loss.item(), **stats, "elapsed": time.perf_counter() - started})
+        if on_step is not None:
+            started += _timed_call(on_step, step, history[-1])
     return history
 
 
@@ -531,7 +549,10 @@ def rl_step(state: RLState, examples: list[Example], reward_fn: RewardFn, config
 
 def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config: RLConfig,
              on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> list[dict]:
-    """`config.steps` steps (or until `config.seconds` run out), each on `prompts_per_step` prompts drawn in a seeded order."""
+    """`config.steps` steps (or until `config.seconds` run out), each on `prompts_per_step` prompts drawn in a seeded order.
+
+    `on_step(step, stats)` runs after each step (validation checkpoints); its time is left out of the budget and of "elapsed".
+    """
     if len(prompts) < config.prompts_per_step:
         raise ValueError(f"{len(prompts)} prompts, fewer than prompts_per_step={config.prompts_per_step}")
     order, history, started = [], [], time.perf_counter()
@@ -547,8 +568,14 @@ def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config
         history.append(stats)
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.2f}")
         if on_step is not None:
-            on_step(step, stats)
+            started += _timed_call(on_step, step, stats)  # validation is not the method's time
     return history
+
+
+def _timed_call(fn: Callable, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -567,3 +594,106 @@ def kl_from_reference(policy: GPT, tokenizer, examples: list[Example], max_new_t
         ref = policy.lm_head(response_hidden(policy, rollout)).float().log_softmax(-1)
     per_token = (logprobs.exp() * (logprobs - ref)).sum(-1)  # (B, R)
     return (per_token * rollout.response_mask).sum(-1).mean().item()
+
+
+# --- judging: the validation split chooses, the test split reports, once -------------------------
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]  # what the methods learn from (prompts, preference pairs)
+    val: list[Example]  # chooses checkpoints, settings and the model to keep
+    test: list[Example]  # scored once, at the end: the numbers reported
+
+
+def arithmetic_splits(trained_on: list[Example], n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
+    """Three disjoint sets of problems from reasoning-gym's stream at `seed`, none sharing an expression with each
+    other or with `trained_on` (notebook 04's training set)."""
+    total = n_train + n_val + n_test
+    pool, seen = [], {e.source for e in trained_on}
+    for example in arithmetic_examples(3 * total, seed):
+        if example.source not in seen:
+            seen.add(example.source)
+            pool.append(example)
+    if len(pool) < total:
+        raise ValueError(f"only {len(pool)} distinct unseen problems for {total} asked: ask for fewer, or raise max_digits")
+    return Splits(pool[:n_train], pool[n_train:n_train + n_val], pool[n_train + n_val:total])
+
+
+def adapter_state(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every LoRA weight (a checkpoint of what trains)."""
+    return {f"{name}.{part}": getattr(layer, part).detach().clone() for name, layer in lora.adapters(policy).items()
+            for part in ("lora_A", "lora_B")}
+
+
+@torch.no_grad()
+def load_adapter_state(policy: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, layer in lora.adapters(policy).items():
+        layer.lora_A.copy_(state[f"{name}.lora_A"])
+        layer.lora_B.copy_(state[f"{name}.lora_B"])
+
+
+class ValidationCheckpoints:
+    """Scores a LoRA policy on the validation split at the start and every `every_seconds` of training, keeping the
+    adapters of the best.
+
+    Pass it as a training loop's `on_step` (its time is not the method's); `finish` scores the last state and
+    puts the best back. `score(policy)` returns one right/wrong per validation problem. The start is a
+    candidate too, so a run that never beats it returns to it; ties go to the earlier checkpoint.
+    """
+
+    def __init__(self, policy: nn.Module, score: Callable[[nn.Module], list[bool]], every_seconds: float,
+                 distance: Callable[[nn.Module], float] | None = None):
+        self.policy, self.score, self.every, self.distance = policy, score, every_seconds, distance
+        self.records: list[dict] = []
+        self.best: dict | None = None
+        self.best_state: dict[str, torch.Tensor] = {}
+        self.check(0, 0.0)
+
+    def __call__(self, step: int, stats: dict) -> None:
+        if stats["elapsed"] >= self.records[-1]["train seconds"] + self.every:
+            self.check(step + 1, stats["elapsed"])
+
+    def check(self, steps: int, seconds: float) -> None:
+        right = [bool(x) for x in self.score(self.policy)]
+        record = {"steps": steps, "train seconds": seconds, "val accuracy": sum(right) / len(right), "right": right}
+        if self.distance is not None:
+            record["KL from start"] = self.distance(self.policy)
+        self.records.append(record)
+        if self.best is None or record["val accuracy"] > self.best["val accuracy"]:
+            self.best, self.best_state = record, adapter_state(self.policy)
+
+    def finish(self, history: list[dict]) -> dict:
+        """Score the run's last state (unless just scored), load the best adapters; the best record."""
+        if history and self.records[-1]["steps"] != len(history):
+            self.check(len(history), history[-1]["elapsed"])
+        load_adapter_state(self.policy, self.best_state)
+        return self.best
+
+
+@dataclass
+class Judgement:
+    chosen: str  # the model the validation split picks
+    rows: dict[str, dict[str, float]]  # per model: val and test accuracy, the test interval, the paired difference from the baseline
+
+
+def judge(val_right: dict[str, list[bool]], test_right: dict[str, list[bool]], baseline: str) -> Judgement:
+    """Choose on the validation split (ties: the baseline, then the earlier listed), report on the test split.
+
+    Each model's test accuracy with its 95 % Wilson interval, and its difference from the baseline on the same
+    problems with a 95 % interval and McNemar's exact p. The test scores never enter the choice.
+    """
+    if baseline not in val_right or set(val_right) != set(test_right):
+        raise ValueError(f"every model needs validation and test scores, the baseline {baseline!r} among them; got "
+                         f"{sorted(val_right)} and {sorted(test_right)}")
+    names = [baseline] + [n for n in val_right if n != baseline]
+    val = {n: sum(val_right[n]) / len(val_right[n]) for n in names}
+    chosen = max(names, key=lambda n: (val[n], -names.index(n)))
+    rows = {}
+    for name in names:
+        right, n = sum(test_right[name]), len(test_right[name])
+        diff, low, high, p = paired_difference([float(x) for x in test_right[baseline]], [float(x) for x in test_right[name]])
+        rows[name] = {"val accuracy": val[name], "test accuracy": right / n, "test 95% low": wilson_interval(right, n)[0],
+                      "test 95% high": wilson_interval(right, n)[1], "change": diff, "change 95% low": low, "change 95% high": high,
+                      "McNemar p": p}
+    return Judgement(chosen, rows)

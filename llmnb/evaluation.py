@@ -66,8 +66,13 @@ def accuracy(model, tokenizer, examples: list[Example], max_new_tokens: int = 16
     if len(systems) != 1:
         raise ValueError(f"score examples of one system message at a time, got {sorted(systems)}")
     replies = answers(model, tokenizer, [e.prompt for e in examples], systems.pop(), max_new_tokens)
-    right = [last_number(r) == e.answer for r, e in zip(replies, examples)]
+    right = graded(examples, replies)
     return sum(right) / len(right), replies
+
+
+def graded(examples: list[Example], replies: list[str]) -> list[bool]:
+    """Right or wrong, reply by reply: its last number is the exact answer."""
+    return [last_number(r) == e.answer for r, e in zip(replies, examples, strict=True)]
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     log-probability 0. Prompts of different lengths are left-padded, with `attention_mask`
     marking real tokens. `samples` continuations of each prompt (rows i*samples ... consecutive,
     as transformers' num_return_sequences) share one prefill: the prompt is read once, its
-    keys and values copied to its samples.
+    keys and values copied to its samples; see `prefill` for what all the prompts share.
     """
     check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.block_size)
     if not isinstance(samples, int) or samples < 1:
@@ -44,11 +44,13 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     stops = torch.tensor(stop_tokens or [], device=idx.device, dtype=torch.long)
     done = torch.zeros(b * samples, dtype=torch.bool, device=idx.device)
     mask = attention_mask.clone().long() if attention_mask is not None else None  # None: no padding, the causal fast path
-    cache = KVCache(model.config, b, t + max_new_tokens, idx.device, model.norm_f.weight.dtype) if use_cache else None
     was_training = model.training
     model.eval()
     try:
-        hidden = model.hidden_states(idx, attention_mask=mask, cache=cache)[:, -1]  # (B, C): the prefill
+        if use_cache:
+            hidden, cache, mask = prefill(model, idx, mask, t + max_new_tokens)  # (B, C)
+        else:
+            hidden, cache = model.hidden_states(idx, attention_mask=mask)[:, -1], None
         if samples > 1:
             hidden, idx = hidden.repeat_interleave(samples, dim=0), idx.repeat_interleave(samples, dim=0)
             mask = mask.repeat_interleave(samples, dim=0) if mask is not None else None
@@ -72,6 +74,39 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
             hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]
     finally:
         model.train(was_training)
+
+
+def prefill(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
+    """Read the prompts into a new KV cache of `max_len`: the last position's hidden state (B, C), the cache, the mask.
+
+    Tokens every prompt starts with (a system message and the chat template's opening: half of
+    an arithmetic prompt) are read once and their keys and values copied to each row; the rest
+    of each row follows them, its padding moved after the shared part. Positions come from the
+    mask, so every real token keeps its position and the result is the same as reading each row.
+    """
+    b, t = idx.shape
+    shared = common_prefix(idx, mask) if b > 1 else 0
+    if shared == 0:
+        cache = KVCache(model.config, b, max_len, idx.device, model.norm_f.weight.dtype)
+        return model.hidden_states(idx, attention_mask=mask, cache=cache)[:, -1], cache, mask
+    first = t - (mask.sum(1) if mask is not None else torch.full((b,), t, device=idx.device))  # (B,): where real tokens start
+    cache = KVCache(model.config, 1, max_len, idx.device, model.norm_f.weight.dtype)
+    model.hidden_states(idx[:1, int(first[0]):int(first[0]) + shared], cache=cache)
+    cache = cache.repeat_interleave(b)
+    columns = torch.arange(t - shared, device=idx.device)[None]  # each row without its shared tokens, padding kept in front
+    source = torch.where(columns < first[:, None], columns, columns + shared)  # (B, t - shared)
+    rest = idx.gather(1, source)
+    if mask is not None:
+        mask = torch.cat([torch.ones(b, shared, dtype=mask.dtype, device=mask.device), mask.gather(1, source)], dim=1)
+    return model.hidden_states(rest, attention_mask=mask, cache=cache)[:, -1], cache, mask
+
+
+def common_prefix(idx: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """How many leading real tokens every left-padded row shares (each row keeps at least one of its own)."""
+    rows = [row[m.bool()] for row, m in zip(idx, mask)] if mask is not None else list(idx)
+    limit = min(len(r) for r in rows) - 1
+    same = torch.stack([r[:limit] for r in rows]).eq(rows[0][:limit]).all(0)  # (limit,)
+    return int(same.long().cumprod(0).sum())
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, return_logprobs: bool = False,

@@ -346,3 +346,80 @@ def test_reported_kl_is_never_negative_and_zero_for_the_reference(tiny_base, cha
     p, q = logits.softmax(-1), ref_logits.softmax(-1)
     direct = ((p * (p.log() - q.log())).sum(-1) * rollout.response_mask).sum(-1).mean().item()
     assert align.kl_from_reference(policy, chat_tokenizer, examples, 4, samples=2, seed=0) == pytest.approx(direct, rel=1e-4)
+
+
+def test_dpo_with_the_chosen_replies_loss_equals_trl_sigmoid_plus_sft(tiny_base, chat_tokenizer, tmp_path):
+    """RPO: DPO plus w times the chosen replies' mean token loss, as trl's loss_type=["sigmoid", "sft"], loss_weights=[1, w]."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    folder, ours = tiny_base
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder), processing_class=chat_tokenizer,
+                         args=DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, beta=0.3, precompute_ref_log_probs=True,
+                                        per_device_train_batch_size=3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7]),
+                         train_dataset=_conversation_rows(PREFS))
+    inputs = _trainer_batch(trainer, len(PREFS))
+    inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = torch.full((3,), -20.0), torch.full((3,), -21.0)
+    trl_loss = trainer._compute_loss(trainer.model, dict(inputs), return_outputs=False)
+    trl_loss = trl_loss[0] if isinstance(trl_loss, tuple) else trl_loss
+    chosen, rejected = align.sequence_logprobs(ours, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]).chunk(2)
+    dpo, _, _ = align.dpo_loss(chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"], beta=0.3)
+    ours_loss = dpo + 0.7 * align.chosen_nll(chosen, inputs["completion_mask"][:3])
+    assert abs(ours_loss.item() - trl_loss.item()) < 1e-5
+    assert abs(dpo.item() - trl_loss.item()) > 1e-2, "the sft term must matter on this batch"
+
+
+def test_splits_share_no_problem_with_each_other_or_with_what_was_trained_on():
+    trained_on = align.arithmetic_examples(50, seed=1)
+    splits = align.arithmetic_splits(trained_on, 30, 20, 40, seed=51)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 20, 40)
+    sets = [{e.source for e in part} for part in (trained_on, splits.train, splits.val, splits.test)]
+    assert all(len(s) == n for s, n in zip(sets[1:], (30, 20, 40))), "no repeats inside a split"
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    overlapping = align.arithmetic_examples(20, seed=51)  # the stream the splits start from: all of it is excluded
+    assert not {e.source for e in align.arithmetic_splits(overlapping, 5, 5, 5, seed=51).val} & {e.source for e in overlapping}
+    with pytest.raises(ValueError, match="distinct unseen problems"):
+        align.arithmetic_splits([], 5000, 5000, 5000, seed=51)
+
+
+def test_validation_checkpoints_keep_the_best_state_and_judge_chooses_on_validation_never_test(tiny_base):
+    _, base = tiny_base
+    policy = adapted(base)
+    layer = next(iter(lora.adapters(policy).values()))
+    # the validation score rises, peaks at the second check (after 2 steps), then falls: the peak's adapters must come back
+    scores = iter([[True, False, False], [True, True, True], [True, True, False]])
+    checkpoints = align.ValidationCheckpoints(policy, lambda m: next(scores), every_seconds=1.0)
+    history = []
+    for step in range(4):
+        with torch.no_grad():
+            layer.lora_B.add_(1.0)
+        history.append({"elapsed": 0.6 * (step + 1)})
+        checkpoints(step, history[-1])  # checks after 1.2 s (step 2) and 2.4 s (step 4)
+    peak = layer.lora_B.detach().clone() - 2.0
+    best = checkpoints.finish(history)
+    assert [r["steps"] for r in checkpoints.records] == [0, 2, 4]
+    assert best["steps"] == 2 and best["val accuracy"] == pytest.approx(1.0)
+    torch.testing.assert_close(layer.lora_B.detach(), peak, msg="the best checkpoint's adapters are loaded back")
+    # the choice: val prefers "b", test would prefer "c"; a tie with the baseline keeps the baseline
+    val = {"start": [1, 0, 0, 0], "b": [1, 1, 1, 0], "c": [1, 1, 0, 0]}
+    test = {"start": [1, 0, 0, 0, 0], "b": [1, 1, 0, 0, 0], "c": [1, 1, 1, 1, 1]}
+    verdict = align.judge(val, test, baseline="start")
+    assert verdict.chosen == "b"
+    assert verdict.rows["c"]["test accuracy"] == 1.0 and verdict.rows["c"]["change"] == pytest.approx(0.8)
+    assert verdict.rows["b"]["McNemar p"] == pytest.approx(1.0)
+    assert align.judge({"start": [1, 0], "b": [0, 1]}, {"start": [1], "b": [1]}, baseline="start").chosen == "start"
+    with pytest.raises(ValueError, match="validation and test scores"):
+        align.judge(val, {"start": [1]}, baseline="start")
+
+
+def test_validation_time_is_not_the_methods_time(tiny_base, chat_tokenizer):
+    import time as clock
+
+    _, base = tiny_base
+    policy = adapted(base)
+    config = align.RLConfig(method="grpo", steps=3, seconds=None, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=2, epochs=1)
+    slow = lambda step, stats: clock.sleep(0.3)  # noqa: E731 (a stand-in validation)
+    examples = [Example("What is 2 + 3?", "5", "5", system=ARITHMETIC_SYSTEM), Example("Compute 7 - 4.", "3", "3", system=ARITHMETIC_SYSTEM)]
+    history = align.train_rl(align.new_state(policy, chat_tokenizer, config), examples, align.verifier_reward, config, on_step=slow,
+                             progress=False)
+    assert history[-1]["elapsed"] < 0.3, "the callback's sleep must not count as training time"

@@ -125,3 +125,26 @@ def test_samples_of_one_prompt_share_its_prefill_and_equal_separate_sampling(pai
     assert len({tuple(r) for r in shared[:4, 7:].tolist()}) > 1, "the samples of one prompt must differ, not be copies"
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         generate(ours, x, 2, samples=0)
+
+
+@pytest.mark.cpu_paths
+def test_prompts_sharing_a_system_message_read_it_once_with_the_same_result(pair):
+    """The shared opening of every prompt is prefilled once; tokens and log-probabilities equal reading each row alone."""
+    from llmnb.data import pad_rows
+    from llmnb.generate import common_prefix
+
+    ours, _ = pair
+    system = torch.randint(1, 320, (9,)).tolist()
+    prompts = [system + [5, 6, 7], system + [8], system + [9, 10, 11, 12, 13]]
+    ids, mask = pad_rows(prompts, 0, "left")
+    assert common_prefix(ids, mask) == 9
+    assert common_prefix(torch.tensor([[1, 2, 3], [2, 2, 3]]), None) == 0, "rows that differ at the first token share nothing"
+    assert common_prefix(*pad_rows([[1, 2], [1, 2]], 0, "left")) == 1, "each row keeps a token of its own to predict from"
+    tokens, logprobs = generate(ours, ids, 6, temperature=0.8, seed=2, attention_mask=mask, samples=2, return_logprobs=True)
+    for i, prompt in enumerate(prompts):
+        greedy = generate(ours, torch.tensor([prompt]), 6, temperature=0)
+        row = generate(ours, ids, 6, temperature=0, attention_mask=mask)[i, ids.shape[1]:]
+        assert torch.equal(row, greedy[0, len(prompt):])
+        with torch.no_grad():
+            direct = M.token_logprobs(ours, torch.cat([torch.tensor(prompt), tokens[2 * i, ids.shape[1]:]])[None])[0, len(prompt) - 1:]
+        torch.testing.assert_close(logprobs[2 * i], direct, atol=1e-5, rtol=0)
