@@ -643,21 +643,23 @@ class ValidationCheckpoints:
     """
 
     def __init__(self, policy: nn.Module, score: Callable[[nn.Module], list[bool]], every_seconds: float,
-                 distance: Callable[[nn.Module], float] | None = None):
+                 distance: Callable[[nn.Module], float] | None = None, start: list[bool] | None = None):
         self.policy, self.score, self.every, self.distance = policy, score, every_seconds, distance
         self.records: list[dict] = []
         self.best: dict | None = None
         self.best_state: dict[str, torch.Tensor] = {}
-        self.check(0, 0.0)
+        self.check(0, 0.0, start)  # `start`: the starting model's scores, when known (runs that share a start score it once)
 
     def __call__(self, step: int, stats: dict) -> None:
         if stats["elapsed"] >= self.records[-1]["train seconds"] + self.every:
             self.check(step + 1, stats["elapsed"])
 
-    def check(self, steps: int, seconds: float) -> None:
-        right = [bool(x) for x in self.score(self.policy)]
+    def check(self, steps: int, seconds: float, right: list[bool] | None = None) -> None:
+        right = [bool(x) for x in (self.score(self.policy) if right is None else right)]
         record = {"steps": steps, "train seconds": seconds, "val accuracy": sum(right) / len(right), "right": right}
-        if self.distance is not None:
+        if self.distance is not None and steps == 0:
+            record["KL from start"] = 0.0
+        elif self.distance is not None:
             record["KL from start"] = self.distance(self.policy)
         self.records.append(record)
         if self.best is None or record["val accuracy"] > self.best["val accuracy"]:
