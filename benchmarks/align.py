@@ -8,7 +8,8 @@ keep their best seconds per step (a slow spell of a shared machine hits all alik
 warm-up step. DPO: the same preference pairs (the verifier's, sampled from the model), batch
 `--pairs`; trl computes the reference on the fly as ours does (its default). GRPO: the same
 prompts, `--group` samples per prompt, replies of up to 8 tokens, no KL term, one update per
-rollout (trl's defaults). PPO: ours only (trl deleted its PPO trainer), split by phase.
+rollout (trl's defaults). PPO: ours only (trl deleted its PPO trainer), split by phase. Rollouts: the same
+step's sampling and scoring pass laid out as before shared prefills and as now, tokens/s of each.
 Printed: Markdown tables with the ratio to trl (> 1: ours is faster).
 """
 from __future__ import annotations
@@ -50,7 +51,32 @@ def clock():
     return Clock()
 
 
-if job["what"] == "dpo":
+if job["what"] == "rollout":
+    # one GRPO step's sampling and scoring pass, laid out as before (every row reads its whole prompt) and as now (the
+    # system message read once for the batch, each prompt once for its group), alternating, best of `steps`
+    from llmnb.data import pad_rows
+    from llmnb.generate import generate
+
+    ids, mask = pad_rows([sft.prompt_ids(tok, e.prompt, e.system) for e in prompts[:job["prompts"]]], tok.pad_token_id, "left")
+    samples, tokens, layouts = {}, {}, {"before": 1, "shared": job["group"]}
+    for _ in range(job["steps"]):
+        for name, group in layouts.items():
+            rows, rows_mask = (ids, mask) if group > 1 else (ids.repeat_interleave(job["group"], 0), mask.repeat_interleave(job["group"], 0))
+            started = time.perf_counter()
+            out, logprobs = generate(model, rows, 8, temperature=1.0, stop_tokens=[tok.eos_token_id], attention_mask=rows_mask, seed=0,
+                                     return_logprobs=True, samples=group, share_prefix=group > 1)
+            sampled = time.perf_counter() - started
+            full_mask = torch.cat([rows_mask.repeat_interleave(group, 0), (logprobs != 0).long()], dim=1)
+            rollout = align.Rollout(out, full_mask, ids.shape[1], logprobs, group)
+            started = time.perf_counter()
+            align.response_logprobs(model, rollout)[0].sum().backward()
+            scored = time.perf_counter() - started
+            tokens[name] = int((logprobs != 0).sum())
+            best = samples.get(name, (float("inf"), float("inf")))
+            samples[name] = (min(best[0], sampled), min(best[1], scored))
+    phases = {name: {"sample s": s, "pass s": p, "tokens": tokens[name]} for name, (s, p) in samples.items()}
+    times = [sum(samples["shared"])]
+elif job["what"] == "dpo":
     pairs = align.verifier_preferences(model, tok, prompts[:24], samples=4, max_new_tokens=8, reference_when_none=True)
     if job["who"] == "ours":
         params = [p for p in model.parameters() if p.requires_grad]
@@ -126,11 +152,20 @@ def main() -> None:
     common = {"model": args.model, "r": args.r, "steps": args.steps, "batch": args.pairs, "prompts": args.prompts, "group": args.group}
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
-        for what, who in [("dpo", "ours"), ("dpo", "trl"), ("grpo", "ours"), ("grpo", "trl"), ("ppo", "ours")]:
+        for what, who in [("rollout", "ours"), ("dpo", "ours"), ("dpo", "trl"), ("grpo", "ours"), ("grpo", "trl"), ("ppo", "ours")]:
             result = measure({**common, "what": what, "who": who})
             if (what, who) not in best or result["seconds"] < best[what, who]["seconds"]:
                 best[what, who] = result
     print(f"LoRA r={args.r} on every linear layer of notebook 04's model ({args.model}), best of {args.rounds} rounds x {args.steps} steps\n")
+    layouts = best["rollout", "ours"]["phases"]
+    print(f"Rollouts: {args.prompts} prompts x {args.group} samples, up to 8 tokens each, then the policy's scoring pass with its backward\n")
+    print("| layout | sampling s | sampled tokens/s | scoring pass + backward s |")
+    print("|---|---:|---:|---:|")
+    for name, label in (("before", "every row reads its whole prompt"), ("shared", "system message once, each prompt once per group")):
+        m = layouts[name]
+        print(f"| {label} | {m['sample s']:.2f} | {m['tokens'] / m['sample s']:.0f} | {m['pass s']:.2f} |")
+    print(f"\nshared / before: sampling {layouts['before']['sample s'] / layouts['shared']['sample s']:.2f}x faster, scoring pass "
+          f"{layouts['before']['pass s'] / layouts['shared']['pass s']:.2f}x faster\n")
     print("| step | ours s/step | trl s/step | trl / ours | ours peak memory rise (MB) | trl peak memory rise (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for what, label in (("dpo", f"DPO, {args.pairs} pairs"), ("grpo", f"GRPO, {args.prompts} prompts x {args.group} samples")):

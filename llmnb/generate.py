@@ -25,14 +25,15 @@ from .model import GPT, KVCache
 def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float | None = None, repetition_penalty: float = 1.0, stop_tokens: list[int] | None = None,
                     attention_mask: torch.Tensor | None = None, seed: int | None = None, samples: int = 1,
-                    use_cache: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    use_cache: bool = True, share_prefix: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token, its log-probability) of every row, each (batch x samples,), as they are produced.
 
     temperature 0 is greedy. Rows that produced a stop token keep yielding it, with
     log-probability 0. Prompts of different lengths are left-padded, with `attention_mask`
     marking real tokens. `samples` continuations of each prompt (rows i*samples ... consecutive,
     as transformers' num_return_sequences) share one prefill: the prompt is read once, its
-    keys and values copied to its samples; see `prefill` for what all the prompts share.
+    keys and values copied to its samples; see `prefill` for what all the prompts share
+    (`share_prefix=False`: each row reads its whole prompt, as before; benchmarks/align.py compares).
     """
     check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, model.config.block_size)
     if not isinstance(samples, int) or samples < 1:
@@ -48,7 +49,7 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     model.eval()
     try:
         if use_cache:
-            hidden, cache, mask = prefill(model, idx, mask, t + max_new_tokens)  # (B, C)
+            hidden, cache, mask = prefill(model, idx, mask, t + max_new_tokens, share_prefix)  # (B, C)
         else:
             hidden, cache = model.hidden_states(idx, attention_mask=mask)[:, -1], None
         if samples > 1:
@@ -76,7 +77,8 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
         model.train(was_training)
 
 
-def prefill(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
+def prefill(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int,
+            share_prefix: bool = True) -> tuple[torch.Tensor, KVCache, torch.Tensor | None]:
     """Read the prompts into a new KV cache of `max_len`: the last position's hidden state (B, C), the cache, the mask.
 
     Tokens every prompt starts with (a system message and the chat template's opening: half of
@@ -85,7 +87,7 @@ def prefill(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: i
     mask, so every real token keeps its position and the result is the same as reading each row.
     """
     b, t = idx.shape
-    shared = common_prefix(idx, mask) if b > 1 else 0
+    shared = common_prefix(idx, mask) if b > 1 and share_prefix else 0
     if shared == 0:
         cache = KVCache(model.config, b, max_len, idx.device, model.norm_f.weight.dtype)
         return model.hidden_states(idx, attention_mask=mask, cache=cache)[:, -1], cache, mask
