@@ -378,8 +378,8 @@ def test_splits_share_no_problem_with_each_other_or_with_what_was_trained_on():
     assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
     overlapping = align.arithmetic_examples(20, seed=51)  # the stream the splits start from: all of it is excluded
     assert not {e.source for e in align.arithmetic_splits(overlapping, 5, 5, 5, seed=51).val} & {e.source for e in overlapping}
-    with pytest.raises(ValueError, match="distinct unseen problems"):
-        align.arithmetic_splits([], 5000, 5000, 5000, seed=51)
+    with pytest.raises(ValueError, match="distinct unseen problems"):  # the stream's first 45 problems, 40 of them excluded
+        align.arithmetic_splits(align.arithmetic_examples(40, seed=51), 5, 5, 5, seed=51)
 
 
 def test_validation_checkpoints_keep_the_best_state_and_judge_chooses_on_validation_never_test(tiny_base):
