@@ -8,7 +8,7 @@ keep their best seconds per step (a slow spell of a shared machine hits all alik
 warm-up step. DPO: the same preference pairs (the verifier's, sampled from the model), batch
 `--pairs`; trl computes the reference on the fly as ours does (its default). GRPO: the same
 prompts, `--group` samples per prompt, replies of up to 8 tokens, no KL term, one update per
-rollout (trl's defaults). PPO: ours only (trl deleted its PPO trainer), split by phase. Rollouts: the same
+rollout (trl's defaults), in fp32 as ours (trl's configs default to bf16=True, on a CPU too). PPO: ours only (trl deleted its PPO trainer), split by phase. Rollouts: the same
 step's sampling and scoring pass laid out as before shared prefills and as now, tokens/s of each.
 Printed: Markdown tables with the ratio to trl (> 1: ours is faster).
 """
@@ -95,7 +95,7 @@ elif job["what"] == "dpo":
                              peft_config=LoraConfig(r=job["r"], lora_alpha=2 * job["r"], target_modules=list(lora.ALL_LINEAR), task_type="CAUSAL_LM"),
                              args=DPOConfig(output_dir="/tmp/llmnb-bench-dpo", max_steps=job["steps"] + 1, per_device_train_batch_size=job["batch"],
                                             learning_rate=1e-5, beta=0.1, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-                                            use_cpu=True))
+                                            use_cpu=True, bf16=False))
 
         trainer.add_callback(clock())
         trainer.train()
@@ -123,7 +123,7 @@ else:
                               args=GRPOConfig(output_dir="/tmp/llmnb-bench-grpo", max_steps=job["steps"] + 1, learning_rate=1e-5,
                                               per_device_train_batch_size=job["prompts"] * job["group"], num_generations=job["group"],
                                               max_completion_length=8, beta=0.0, temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
-                                              disable_tqdm=True, use_cpu=True))
+                                              disable_tqdm=True, use_cpu=True, bf16=False))
 
         trainer.add_callback(clock())
         trainer.train()
