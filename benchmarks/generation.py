@@ -1,9 +1,11 @@
-"""Generation speed: llmnb's GPT with and without its KV cache against transformers' `generate`, same weights.
+"""Generation speed: llmnb's GPT with and without its KV cache, and prepared for decoding, against transformers' `generate`.
 
 Greedy decoding of `--new` tokens after a `--prompt`-token prompt, at batch 1 and 8, for
 SmolLM2-135M-Instruct (Llama flavour, the offline model) and a randomly initialised GPT-2
-124M. "decoding layout" is the same model after `GPT.for_decoding()`. The last column is our
-best cached generation's tokens/s over transformers'.
+124M, same weights everywhere. "fp32" is the model as loaded; "prepared" is the same model after
+`llmnb.decoding.prepare` (the dtype the processor decodes fastest in, weights packed for oneDNN:
+the line above the table says which). The ratios: prepared over fp32 (both ours, KV cache) and
+prepared over transformers. "first token" is the prefill's time, prompt read and first token chosen.
 
     python benchmarks/generation.py
     python benchmarks/generation.py --new 16 --batches 1   # quicker
@@ -19,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from llmnb import hardware  # noqa: E402
+from llmnb import decoding, hardware  # noqa: E402
 from llmnb.hf_bridge import from_hf, to_hf  # noqa: E402
 from llmnb.model import GPT, GPTConfig  # noqa: E402
 from llmnb.checkpoint import resolve_model  # noqa: E402
@@ -55,26 +57,31 @@ def main() -> None:
     gpt2 = GPT(GPTConfig.gpt2()).eval()
     pairs["GPT-2 124M (random)"] = (gpt2.to(device), to_hf(gpt2).to(device))
     info = hardware.machine_info()
-    print(f"# {time.strftime('%Y-%m-%d')} on {info.cpu}, {info.cores} cores, GPU: {info.gpu or 'none'}; device {device}, fp32, "
-          f"torch {torch.__version__}; prompt {args.prompt}, {args.new} new tokens, greedy, best of {args.repeats} taken in turns\n")
-    print("| model | batch | ours, no cache (tok/s) | ours, KV cache (tok/s) | ours, KV cache, decoding layout (tok/s) | transformers generate (tok/s) | ours cached / transformers |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    dtype, why = hardware.decoding_dtype(device)
+    print(f"# {time.strftime('%Y-%m-%d')} on {info.cpu}, {info.cores} cores, GPU: {info.gpu or 'none'}; device {device}, "
+          f"torch {torch.__version__}; prompt {args.prompt}, {args.new} new tokens, greedy, best of {args.repeats} taken in turns; "
+          f"prepared: {why}\n")
+    print("| model | batch | fp32, no cache (tok/s) | fp32, KV cache (tok/s) | prepared (tok/s) | transformers fp32 (tok/s) "
+          "| ms/token fp32 → prepared | first token fp32 → prepared (ms) | prepared / fp32 | prepared / transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (ours, theirs) in pairs.items():
-        decoding = GPT(ours.config).to(device).eval()
-        decoding.load_state_dict(ours.state_dict())
-        decoding.for_decoding()
+        fast = GPT(ours.config).to(device).eval()
+        fast.load_state_dict(ours.state_dict())
+        decoding.prepare(fast)
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(0, ours.config.vocab_size, (batch, args.prompt), device=device)
             with torch.no_grad():
                 rates = tokens_per_second({
                     "cached": lambda: generate(ours, ids, args.new, temperature=0),
-                    "relaid": lambda: generate(decoding, ids, args.new, temperature=0),
+                    "fast": lambda: generate(fast, ids, args.new, temperature=0),
                     "ref": lambda: theirs.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
                 }, args.new, batch, args.repeats)
+                first = tokens_per_second({"cached": lambda: generate(ours, ids, 1, temperature=0),
+                                           "fast": lambda: generate(fast, ids, 1, temperature=0)}, 1, 1, args.repeats)
                 plain = tokens_per_second({"plain": lambda: generate(ours, ids, args.new, temperature=0, use_cache=False)}, args.new, batch, 1)["plain"]
-            cached, relaid, ref = rates["cached"], rates["relaid"], rates["ref"]
-            print(f"| {name} | {batch} | {plain:.1f} | {cached:.1f} | {relaid:.1f} | {ref:.1f} | {max(cached, relaid) / ref:.2f} |", flush=True)
-
+            cached, quick, ref = rates["cached"], rates["fast"], rates["ref"]
+            print(f"| {name} | {batch} | {plain:.1f} | {cached:.1f} | {quick:.1f} | {ref:.1f} | {1000 * batch / cached:.1f} → {1000 * batch / quick:.1f} "
+                  f"| {1000 / first['cached']:.0f} → {1000 / first['fast']:.0f} | {quick / cached:.2f} | {quick / ref:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

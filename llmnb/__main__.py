@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve_p.add_argument("--moderation", default="profanity", help="profanity (alt-profanity-check), none, or hf:MODEL[:LABEL]")
     serve_p.add_argument("--moderation-threshold", type=float, default=None)
+    serve_p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                         help="decoding precision (default auto: bf16 where the CPU has AVX-512 BF16 or AMX, else fp32)")
     gguf_p = sub.add_parser("serve-gguf", help="serve a GGUF file with llama.cpp's own server (xllamacpp)")
     gguf_p.add_argument("gguf")
     gguf_p.add_argument("--host", default="127.0.0.1")
@@ -96,7 +98,7 @@ def _serve(args) -> int:
         print(f"llmnb serve: {args.adapter} is not a LoRA adapter folder (no adapter_config.json)", file=sys.stderr)
         return 2
     config = ServeConfig(args.model, args.adapter, args.name, args.api_key, args.max_batch, args.context, args.max_waiting,
-                         args.max_body_bytes, args.moderation, args.moderation_threshold)
+                         args.max_body_bytes, args.moderation, args.moderation_threshold, args.dtype)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"llmnb serve: listening on {args.host} without an API key: anyone who reaches this port can use the model", file=sys.stderr)
     def cannot_serve(reason: str) -> None:  # a server that cannot serve says why and exits, rather than answering 503 forever

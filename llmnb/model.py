@@ -352,7 +352,7 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
             else:
                 position_ids = torch.arange(past, past + t, device=idx.device).unsqueeze(0)
-        x = self.wte(idx)
+        x = self.wte(idx).to(self.norm_f.weight.dtype)  # a quantized embedding gives fp32; the blocks compute in the model's dtype
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)

@@ -214,6 +214,13 @@ MUTATIONS = [
              "picked = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()",
              "picked = logprobs.gather(1, torch.tensor(ids[:-1])[:, None])[:, 0].tolist()",
              ("tests/test_serve.py::test_echo_returns_each_prompt_tokens_log_probability_for_a_batch_of_prompts",)),
+    Mutation("packed layer drops its bias", "llmnb/decoding.py", "self.packed, self.bias, \"none\"", "self.packed, None, \"none\"",
+             ("tests/test_decoding.py::test_packed_weights_compute_what_the_plain_ones_do",)),
+    Mutation("tied head packed: the vocabulary matrix stored twice", "llmnb/decoding.py",
+             "if type(module) is nn.Linear and module.weight is not model.wte.weight:", "if type(module) is nn.Linear:",
+             ("tests/test_decoding.py::test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice",)),
+    Mutation("bf16 chosen whatever oneDNN is capped to", "llmnb/hardware.py", "if native and not capped:", "if native:",
+             ("tests/test_decoding.py::test_bf16_only_where_the_processor_has_it",)),
 ]
 
 

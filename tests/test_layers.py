@@ -12,7 +12,7 @@ LAYERS = [
     ["paths", "hub", "tools"],                                   # infrastructure
     ["presets", "record", "tokenizer", "budget", "hardware", ""],  # "" is the package itself (llmnb/__init__.py)
     ["model", "hf_bridge"],                                      # the GPT and its one name map to Hugging Face's
-    ["generate", "lora", "quantize", "prune", "gguf", "onnx_runtime", "checkpoint", "assets", "data"],
+    ["generate", "lora", "decoding", "quantize", "prune", "gguf", "onnx_runtime", "checkpoint", "assets", "data"],
     ["train", "parallel", "measure"],
     ["sft"],
     ["evaluation"],                                              # scores, intervals, contamination: one place

@@ -88,10 +88,12 @@ def test_sampling_parameters_seed_n_stop_and_logprobs(client):
 def test_echo_returns_each_prompt_tokens_log_probability_for_a_batch_of_prompts(server, client):
     import torch
 
+    from llmnb import decoding
     from llmnb.checkpoint import load
     from llmnb.model import token_logprobs
 
     model, tokenizer = load(TINY_CHAT)
+    decoding.prepare(model)  # as the server computes: in the same precision and layout
     prompts = [tokenizer.encode("The quick brown fox jumps"), tokenizer.encode("Once upon a time there was")]
     out = client.completions.create(model=TINY_CHAT, prompt=prompts, max_tokens=1, temperature=0, logprobs=2, echo=True, n=2)
     assert [c.index for c in out.choices] == [0, 1, 2, 3] and out.usage.prompt_tokens == sum(map(len, prompts))  # once per prompt, whatever n

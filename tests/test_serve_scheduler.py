@@ -117,7 +117,7 @@ def test_a_served_adapter_is_merged_onto_its_base(tmp_path):
     for layer in lora.adapters(tuned).values():
         torch.nn.init.normal_(layer.lora_B, std=0.5)  # a trained adapter: B is not zero
     lora.save_adapter(tuned, tmp_path / "adapter", base_model=TINY_CHAT)
-    served = Served(ServeConfig(str(base_dir), adapter=str(tmp_path / "adapter"), moderation="none"))
+    served = Served(ServeConfig(str(base_dir), adapter=str(tmp_path / "adapter"), moderation="none", dtype="float32"))
     served.load()
     try:
         x = torch.randint(0, 1000, (2, 12))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import decoding
 from ..checkpoint import load
 from ..lora import load_adapter, merge_and_unload
 from .metrics import Metrics
@@ -28,6 +29,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     moderation: str = "profanity"
     moderation_threshold: float | None = None
+    dtype: str = "auto"  # decoding precision: "auto" (bf16 where the CPU computes it natively), "float32", "bfloat16"
 
 
 class Served:
@@ -48,7 +50,7 @@ class Served:
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
-        model.for_decoding()  # the tied head stays tied: no second copy of the embedding
+        decoding.prepare(model, self.config.dtype)  # bf16 where the CPU computes it natively, weights packed; a tied head stays tied
         self.model, self.tokenizer = model, tokenizer
         self.hf = hasattr(tokenizer, "apply_chat_template")
         self.chat_template = bool(getattr(tokenizer, "chat_template", None))

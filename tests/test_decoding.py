@@ -1,0 +1,113 @@
+"""The fast decoding path computes what the model computes: packed weights = plain weights, bf16 chosen only where native."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmnb import decoding, hardware
+from llmnb.generate import generate
+from llmnb.lora import attach
+from llmnb.model import GPT, GPTConfig
+from llmnb.quantize import quantize_model
+
+pytestmark = pytest.mark.cpu_paths  # oneDNN's kernels differ with the processor: run again on the lower path
+
+
+def _models() -> dict[str, GPT]:
+    torch.manual_seed(0)
+    return {"gpt2": GPT(GPTConfig.gpt2(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval(),
+            "llama": GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                                         tie_embeddings=True)).eval()}
+
+
+def _biased(model: GPT) -> GPT:
+    """Non-zero biases (GPT-2's start at zero), so that a layer dropping its bias shows."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+def test_packed_weights_compute_what_the_plain_ones_do(flavour):
+    model = _biased(_models()[flavour])
+    x = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        logits = model(x)[0]
+    tokens, logprobs = generate(model, x[:, :5], 12, temperature=0, return_logprobs=True)
+    fast = decoding.prepare(copy.deepcopy(model), torch.float32)
+    assert fast.decoding.packed == 6 * 2 + (flavour == "llama") * 2 and isinstance(fast.blocks[0].mlp.down_proj, decoding.PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x)[0], logits, atol=2e-5, rtol=0)
+    fast_tokens, fast_logprobs = generate(fast, x[:, :5], 12, temperature=0, return_logprobs=True)
+    assert torch.equal(fast_tokens, tokens)
+    torch.testing.assert_close(fast_logprobs, logprobs, atol=2e-5, rtol=0)
+
+
+def test_bf16_packed_agrees_with_plain_bf16_within_bf16_rounding():
+    model = _biased(_models()["gpt2"])
+    plain = copy.deepcopy(model).to(torch.bfloat16)
+    fast = decoding.prepare(copy.deepcopy(model), torch.bfloat16)
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b, exact = plain(x)[0].float(), fast(x)[0].float(), model(x)[0]
+    assert fast.blocks[0].attn.q_proj.packed.dtype == torch.bfloat16 and fast.lm_head.weight.dtype == torch.bfloat16
+    assert (a - b).abs().max() < 0.05 and (b - exact).abs().max() < 0.1  # logits of order 1; bf16 keeps 8 bits
+
+
+def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():
+    model = _models()["llama"]
+    fast = decoding.prepare(copy.deepcopy(model), torch.float32)
+    assert fast.lm_head.weight is fast.wte.weight and type(fast.lm_head) is nn.Linear
+    plain_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * 4 for b in model.buffers())
+    assert decoding.weight_bytes(fast) == plain_bytes  # packed matrices replace the plain ones
+    assert not any(isinstance(m, nn.Linear) and m is not fast.lm_head for m in fast.modules())
+
+
+def test_quantized_layers_compute_in_the_prepared_dtype():
+    model = quantize_model(_models()["llama"], "int8")
+    x = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        before = model(x)[0]
+    decoding.prepare(model, torch.bfloat16)
+    with torch.no_grad():
+        after = model(x)[0]
+    assert after.dtype == torch.bfloat16 and (after.float() - before).abs().max() < 0.1
+    assert generate(model, x, 4, temperature=0).shape == (2, 11)
+
+
+def test_bf16_only_where_the_processor_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.decoding_dtype("cpu")[0] == torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # another user's processor, as tests/test_cpu_paths.py takes it
+    dtype, why = hardware.decoding_dtype("cpu")
+    assert dtype == torch.float32 and "ONEDNN_MAX_CPU_ISA" in why
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert hardware.decoding_dtype("cpu")[0] == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert hardware.decoding_dtype("cpu") == (torch.float32, "fp32: the processor has no AVX-512 BF16 or AMX")
+
+
+def test_without_onednn_the_layers_stay_plain(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    fast = decoding.prepare(_models()["gpt2"], torch.float32)
+    assert fast.decoding.packed == 0 and "plain layout" in str(fast.decoding)
+    assert generate(fast, torch.tensor([[1, 2, 3]]), 3, temperature=0).shape == (1, 6)
+
+
+def test_what_a_prepared_model_refuses():
+    fast = decoding.prepare(_models()["gpt2"], torch.float32)
+    with pytest.raises(RuntimeError, match="save the model before"):
+        fast.state_dict()
+    with pytest.raises(TypeError, match="packed in torch.float32"):
+        fast.blocks[0].attn.q_proj(torch.ones(1, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dtype must be"):
+        decoding.prepare(_models()["gpt2"], "int8")
+    adapted = _models()["gpt2"]
+    attach(adapted, ["q_proj"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="merge them first"):
+        decoding.prepare(adapted)
