@@ -4,8 +4,10 @@ Greedy decoding of `--new` tokens after a `--prompt`-token prompt, at batch 1 an
 SmolLM2-135M-Instruct (Llama flavour, the offline model) and a randomly initialised GPT-2
 124M, same weights everywhere. "fp32" is the model as loaded; "prepared" is the same model after
 `llmnb.decoding.prepare` (the dtype the processor decodes fastest in, weights packed for oneDNN:
-the line above the table says which). The ratios: prepared over fp32 (both ours, KV cache) and
-prepared over transformers. "first token" is the prefill's time, prompt read and first token chosen.
+the line above the table says which); "compiled" adds `compile=True` (each step one Inductor graph;
+its compile time, paid once per batch size and cache length, is its own column, not in the speed).
+The ratios are over our fp32 with its KV cache, and compiled over transformers. "first token" is the
+prefill's time: prompt read, first token chosen (eager in every contender).
 
     python benchmarks/generation.py
     python benchmarks/generation.py --new 16 --batches 1   # quicker
@@ -61,27 +63,36 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')} on {info.cpu}, {info.cores} cores, GPU: {info.gpu or 'none'}; device {device}, "
           f"torch {torch.__version__}; prompt {args.prompt}, {args.new} new tokens, greedy, best of {args.repeats} taken in turns; "
           f"prepared: {why}\n")
-    print("| model | batch | fp32, no cache (tok/s) | fp32, KV cache (tok/s) | prepared (tok/s) | transformers fp32 (tok/s) "
-          "| ms/token fp32 → prepared | first token fp32 → prepared (ms) | prepared / fp32 | prepared / transformers |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | batch | fp32, no cache (tok/s) | fp32, KV cache (tok/s) | prepared (tok/s) | compiled (tok/s) | transformers fp32 (tok/s) "
+          "| ms per step: fp32 → prepared → compiled | first token fp32 → prepared (ms) | compile (s) | prepared / fp32 | compiled / fp32 "
+          "| compiled / transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (ours, theirs) in pairs.items():
-        fast = GPT(ours.config).to(device).eval()
-        fast.load_state_dict(ours.state_dict())
+        fast, compiled = (GPT(ours.config).to(device).eval() for _ in range(2))
+        for model in (fast, compiled):
+            model.load_state_dict(ours.state_dict())
         decoding.prepare(fast)
+        decoding.prepare(compiled, compile=True)
         for batch in [int(b) for b in args.batches.split(",")]:
             ids = torch.randint(0, ours.config.vocab_size, (batch, args.prompt), device=device)
+            compiling = compiled.decoding.step.compile_seconds  # so far: this batch size compiles in the warm-up below
             with torch.no_grad():
                 rates = tokens_per_second({
                     "cached": lambda: generate(ours, ids, args.new, temperature=0),
                     "fast": lambda: generate(fast, ids, args.new, temperature=0),
+                    "compiled": lambda: generate(compiled, ids, args.new, temperature=0),
                     "ref": lambda: theirs.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0),
                 }, args.new, batch, args.repeats)
                 first = tokens_per_second({"cached": lambda: generate(ours, ids, 1, temperature=0),
                                            "fast": lambda: generate(fast, ids, 1, temperature=0)}, 1, 1, args.repeats)
                 plain = tokens_per_second({"plain": lambda: generate(ours, ids, args.new, temperature=0, use_cache=False)}, args.new, batch, 1)["plain"]
-            cached, quick, ref = rates["cached"], rates["fast"], rates["ref"]
-            print(f"| {name} | {batch} | {plain:.1f} | {cached:.1f} | {quick:.1f} | {ref:.1f} | {1000 * batch / cached:.1f} → {1000 * batch / quick:.1f} "
-                  f"| {1000 / first['cached']:.0f} → {1000 / first['fast']:.0f} | {quick / cached:.2f} | {quick / ref:.2f} |", flush=True)
+            r = rates
+            step = compiled.decoding.step
+            assert not step.failed, step.failed
+            print(f"| {name} | {batch} | {plain:.1f} | {r['cached']:.1f} | {r['fast']:.1f} | {r['compiled']:.1f} | {r['ref']:.1f} "
+                  f"| {1000 * batch / r['cached']:.1f} → {1000 * batch / r['fast']:.1f} → {1000 * batch / r['compiled']:.1f} "
+                  f"| {1000 / first['cached']:.0f} → {1000 / first['fast']:.0f} | {step.compile_seconds - compiling:.0f} "
+                  f"| {r['fast'] / r['cached']:.2f} | {r['compiled'] / r['cached']:.2f} | {r['compiled'] / r['ref']:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,9 @@ Pruned models (llmnb.prune, calibrated on 8 x 128 tokens of the training plays) 
 (Wanda 50 %, 2:4) or a smaller one (structured); ONNX Runtime runs the graph llmnb.onnx_runtime exports, in fp32
 and ORT's int8 (bytes: the file).
 Targets (issue 12): int8 <= 0.27x the fp32 bytes with perplexity within 1 %; int4 <= 0.16x with
-perplexity no worse than bitsandbytes NF4; our int8 decoding >= 1.5x our fp32 decoding.
+perplexity no worse than bitsandbytes NF4; our int8 decoding >= 1.5x our fp32 decoding (issue 23: int4 >= 2x, and
+time per token <= 1.3x llama.cpp F16's). "prepared" and "compiled" rows are the model after `llmnb.decoding.prepare`
+(its dtype in the name; compiled: each step one Inductor graph, compiled during the warm-up, its time printed apart).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from llmnb import checkpoint, data, evaluation, prune
+    from llmnb import checkpoint, data, decoding, evaluation, prune
     from llmnb import gguf as gg
     from llmnb import onnx_runtime as ox
     from llmnb import quantize as q
@@ -57,6 +59,13 @@ def main() -> None:
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
 
     torch_row("fp32 (ours)", model)
+    for label, quantized in [("", model), ("int8 ", q.quantize_model(copy.deepcopy(model), "int8")),
+                             ("int4 g32 ", q.quantize_model(copy.deepcopy(model), "int4", 32))]:
+        for compiled in (False, True):
+            prepared = decoding.prepare(copy.deepcopy(quantized), compile=compiled)
+            torch_row(f"{label}{'compiled' if compiled else 'prepared'} ({prepared.decoding.dtype}) (ours)".replace("torch.", ""), prepared)
+            if compiled:
+                print(f"  {prepared.decoding}; compiled in {prepared.decoding.step.compile_seconds:.0f} s", flush=True)
     for scheme, group in [("int8", 64), ("int8-dynamic", 64), ("int4", 32), ("int4", 64), ("nf4", 64)]:
         try:
             torch_row(f"{scheme} g{group} (ours)" if scheme.startswith("int4") else f"{scheme} (ours)",
@@ -113,6 +122,11 @@ def main() -> None:
     print(f"- int8 bytes {int8['bytes'] / base['bytes']:.3f}x (<= 0.27), perplexity {int8['perplexity'] / base['perplexity'] - 1:+.2%} (within 1 %)")
     print(f"- best int4 bytes {int4['bytes'] / base['bytes']:.3f}x (<= 0.16), perplexity {int4['perplexity']:.2f} vs bitsandbytes NF4 {nf4['perplexity']:.2f}")
     print(f"- int8 decoding {int8['tokens/s'] / base['tokens/s']:.2f}x our fp32 (>= 1.5)")
+    fastest = {kind: max((r["tokens/s"], n) for n, r in rows.items() if n.startswith(kind) and n.endswith("(ours)"))
+               for kind in ("prepared", "compiled", "int8 prepared", "int8 compiled", "int4 g32 prepared", "int4 g32 compiled")}
+    for kind, (speed, name) in fastest.items():
+        print(f"- {name}: {speed / base['tokens/s']:.2f}x our fp32 (int8 >= 1.5, int4 >= 2), "
+              f"{rows['llama.cpp F16']['tokens/s'] / speed:.2f}x llama.cpp F16's time per token (<= 1.3)")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,18 @@ matrix twice (113 MB in fp32 for SmolLM2).
 """
 from __future__ import annotations
 
+import shutil
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import hardware
 from .lora import adapters
-from .model import GPT, swap_module
+from .model import GPT, KVCache, swap_module
 
 
 class PackedLinear(nn.Module):
@@ -59,26 +63,93 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed for oneDNN"
 
 
+class CompiledStep:
+    """One decoding step (every row's one new token through every layer) as one compiled graph.
+
+    `torch.compile` with Inductor turns the step into fused C++ (it needs a C++ compiler) with the
+    weights frozen in as constants and packed for oneDNN. Every shape is fixed, so the KV cache is
+    read whole, masked, and its length rounded up to `CACHE_ROUND` tokens: a new (batch, length)
+    pair compiles once more (about 45 s for SmolLM2-135M on 2 cores), counted in `compile_seconds`.
+    A failure to compile warns once and the step runs eagerly from then on (`failed` says why).
+    Frozen weights: the model must not change after this (inference only).
+    """
+    CACHE_ROUND = 64
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.graph = torch.compile(model.layers, fullgraph=True, dynamic=False, options={"freezing": True})
+        self.shapes: set[tuple[int, int]] = set()
+        self.compile_seconds = 0.0
+        self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
+
+    def cache_length(self, tokens: int) -> int:
+        """The KV cache length that holds `tokens`: rounded up, so that prompts of similar lengths share a graph."""
+        return min(-(-tokens // self.CACHE_ROUND) * self.CACHE_ROUND, self.model.config.block_size)
+
+    def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """The last hidden state (B, C) after `tokens` (B, 1), as `model.hidden_states(tokens, attention_mask, cache)[:, -1]`."""
+        b, length, past = tokens.shape[0], cache.keys[0].shape[2], cache.length
+        columns = torch.arange(length, device=tokens.device)
+        if attention_mask is None:
+            positions = torch.full((b, 1), past, device=tokens.device)
+            mask = (columns <= past).expand(b, length)
+        else:  # left padding: a row's position is its number of real tokens before this one
+            positions = attention_mask.sum(1, keepdim=True) - 1
+            mask = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
+        cache.slot = torch.tensor([past], device=tokens.device)
+        try:
+            hidden = self._run(tokens, positions, mask[:, None, None, :], cache)
+        finally:
+            cache.slot = None
+        cache.length += 1
+        return hidden[:, -1]
+
+    def _run(self, tokens, positions, mask, cache) -> torch.Tensor:
+        if self.failed:
+            return self.model.layers(tokens, positions, mask, cache)
+        start, new = time.perf_counter(), (tokens.shape[0], mask.shape[-1]) not in self.shapes
+        try:
+            hidden = self.graph(tokens, positions, mask, cache)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: decode eagerly instead, say so once
+            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            warnings.warn(f"llmnb.decoding: the compiled step failed ({self.failed}); decoding eagerly", stacklevel=3)
+            return self.model.layers(tokens, positions, mask, cache)
+        if new:
+            self.shapes.add((tokens.shape[0], mask.shape[-1]))
+            self.compile_seconds += time.perf_counter() - start
+        return hidden
+
+
+def compiler_available() -> bool:
+    """Inductor's CPU backend writes C++ and builds it with the system's compiler."""
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
 @dataclass
 class Decoding:
     """What `prepare` did to a model: for tables, logs and the server's /health."""
     dtype: torch.dtype
     why: str
-    packed: int  # weight matrices in oneDNN's layout
+    packed: int  # weight matrices in oneDNN's layout by us (a compiled step packs them itself)
+    step: CompiledStep | None = None
 
     def __str__(self) -> str:
         layout = f"{self.packed} weight matrices packed for oneDNN" if self.packed else "weights in PyTorch's plain layout"
+        if self.step is not None:
+            layout = "eager: " + self.step.failed if self.step.failed else "one compiled graph per step (Inductor, weights frozen and packed)"
         return f"{self.why}, {layout}"
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the names `llmnb serve --dtype` takes
 
 
-def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True) -> GPT:
+def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, compile: bool = False) -> GPT:
     """`model`, in place, in the dtype its device decodes fastest in (or `dtype`), linear weights packed; returns it.
 
     Quantized layers (llmnb.quantize) keep their codes and compute with activations in that dtype.
     Packing needs PyTorch's oneDNN (mkldnn) on a CPU; elsewhere the layers are left as they are.
+    `compile`: each decoding step of `llmnb.generate` runs as one compiled graph (`CompiledStep`,
+    which packs the weights itself); the prompt's prefill stays eager.
     """
     if adapters(model):
         raise ValueError("the model has unmerged LoRA adapters: merge them first (llmnb.lora.merge_and_unload), "
@@ -95,12 +166,13 @@ def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True) ->
         dtype, why = named, f"{str(named).removeprefix('torch.')} (asked for)"
     model.eval().requires_grad_(False).to(dtype)  # floating tensors only: int8/int4 codes keep theirs
     packed = 0
-    if pack and device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if pack and not compile and device.type == "cpu" and torch.backends.mkldnn.is_available():
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear and module.weight is not model.wte.weight:  # a tied head stays the embedding's
                 swap_module(model, name, PackedLinear(module))
                 packed += 1
-    model.decoding = Decoding(dtype, why, packed)
+    model.decoding = Decoding(dtype, why, packed, CompiledStep(model) if compile else None)
+    hardware.release_freed_memory()  # the fp32 weights just replaced: hand their pages back, or the server's memory keeps them
     return model
 
 

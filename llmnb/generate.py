@@ -48,8 +48,10 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
     was_training = model.training
     model.eval()
     try:
+        compiled = compiled_step(model) if use_cache else None
         if use_cache:
-            hidden, cache, mask = prefill(model, idx, mask, t + max_new_tokens, share_prefix)  # (B, C)
+            max_len = compiled.cache_length(t + max_new_tokens) if compiled is not None else t + max_new_tokens
+            hidden, cache, mask = prefill(model, idx, mask, max_len, share_prefix)  # (B, C)
         else:
             hidden, cache = model.hidden_states(idx, attention_mask=mask)[:, -1], None
         if samples > 1:
@@ -71,10 +73,19 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
             yield next_token, logprob
             if step + 1 == max_new_tokens or (stops.numel() and bool(done.all())):
                 return
-            step_input = next_token[:, None] if cache is not None else seq
-            hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]
+            if compiled is not None:
+                hidden = compiled(next_token[:, None], mask, cache)
+            else:
+                step_input = next_token[:, None] if cache is not None else seq
+                hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]
     finally:
         model.train(was_training)
+
+
+def compiled_step(model: GPT) -> Callable | None:
+    """The compiled decoding step `llmnb.decoding.prepare(model, compile=True)` attached, if any."""
+    prepared = getattr(model, "decoding", None)
+    return getattr(prepared, "step", None)
 
 
 def prefill(model: GPT, idx: torch.Tensor, mask: torch.Tensor | None, max_len: int,

@@ -162,11 +162,18 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, config.n_kv_head, max_len, config.head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        # zeros, not empty: a compiled step attends over the whole buffer, and a masked NaN of stale memory still
+        # poisons softmax(scores) @ values (0 * NaN)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored; advanced by GPT.forward after all layers ran
+        self.slot: torch.Tensor | None = None  # set by a compiled step (llmnb.decoding): where its one new token goes
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slot is not None:  # every shape fixed: write at a position held in a tensor, attend over the whole buffer (masked)
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         if end > self.keys[layer].shape[2]:
             raise ValueError(f"KV cache holds {self.keys[layer].shape[2]} tokens; {end} asked for")
@@ -352,24 +359,31 @@ class GPT(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
             else:
                 position_ids = torch.arange(past, past + t, device=idx.device).unsqueeze(0)
+        if attention_mask is not None and attention_mask.dim() == 4:  # a ready mask (batch, 1, t, past + t): rows of unequal lengths
+            mask = attention_mask.bool()
+        else:
+            mask = None if attention_mask is None else self._mask(attention_mask, past, t)
+        x = self.layers(idx, position_ids, mask, cache)
+        if cache is not None:
+            cache.length += t
+        return x
+
+    def layers(self, idx: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+               cache: KVCache | PrefixCache | None) -> torch.Tensor:
+        """Embeddings, every block and the final norm, given each token's position (B, T) and a ready boolean mask
+        (None: causal). No Python decision depends on the cache's length: llmnb.decoding compiles this as one graph."""
         x = self.wte(idx).to(self.norm_f.weight.dtype)  # a quantized embedding gives fp32; the blocks compute in the model's dtype
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(position_ids)
         else:
             rope = (self.rope_cos[position_ids].unsqueeze(1).to(x.dtype), self.rope_sin[position_ids].unsqueeze(1).to(x.dtype))
-        if attention_mask is not None and attention_mask.dim() == 4:  # a ready mask (batch, 1, t, past + t): rows of unequal lengths
-            mask = attention_mask.bool()
-        else:
-            mask = None if attention_mask is None else self._mask(attention_mask, past, t)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, rope, mask, cache, i, use_reentrant=False)
             else:
                 x = block(x, rope, mask, cache, i)
-        if cache is not None:
-            cache.length += t
         return self.norm_f(x)
 
     @staticmethod

@@ -219,6 +219,9 @@ MUTATIONS = [
     Mutation("tied head packed: the vocabulary matrix stored twice", "llmnb/decoding.py",
              "if type(module) is nn.Linear and module.weight is not model.wte.weight:", "if type(module) is nn.Linear:",
              ("tests/test_decoding.py::test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice",)),
+    Mutation("compiled step: a padded row's position counts its padding", "llmnb/decoding.py",
+             "positions = attention_mask.sum(1, keepdim=True) - 1", "positions = torch.full((b, 1), past, device=tokens.device)",
+             ("tests/test_decoding.py::test_a_compiled_step_decodes_what_the_eager_model_does",)),
     Mutation("bf16 chosen whatever oneDNN is capped to", "llmnb/hardware.py", "if native and not capped:", "if native:",
              ("tests/test_decoding.py::test_bf16_only_where_the_processor_has_it",)),
 ]

@@ -11,7 +11,7 @@ from llmnb.lora import attach
 from llmnb.model import GPT, GPTConfig
 from llmnb.quantize import quantize_model
 
-pytestmark = pytest.mark.cpu_paths  # oneDNN's kernels differ with the processor: run again on the lower path
+cpu_paths = pytest.mark.cpu_paths  # oneDNN's kernels differ with the processor: run again on the lower path
 
 
 def _models() -> dict[str, GPT]:
@@ -30,6 +30,7 @@ def _biased(model: GPT) -> GPT:
     return model
 
 
+@cpu_paths
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
 def test_packed_weights_compute_what_the_plain_ones_do(flavour):
     model = _biased(_models()[flavour])
@@ -46,6 +47,7 @@ def test_packed_weights_compute_what_the_plain_ones_do(flavour):
     torch.testing.assert_close(fast_logprobs, logprobs, atol=2e-5, rtol=0)
 
 
+@cpu_paths
 def test_bf16_packed_agrees_with_plain_bf16_within_bf16_rounding():
     model = _biased(_models()["gpt2"])
     plain = copy.deepcopy(model).to(torch.bfloat16)
@@ -66,6 +68,7 @@ def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():
     assert not any(isinstance(m, nn.Linear) and m is not fast.lm_head for m in fast.modules())
 
 
+@cpu_paths
 def test_quantized_layers_compute_in_the_prepared_dtype():
     model = quantize_model(_models()["llama"], "int8")
     x = torch.randint(0, 97, (2, 7))
@@ -111,3 +114,39 @@ def test_what_a_prepared_model_refuses():
     attach(adapted, ["q_proj"], r=2, alpha=4)
     with pytest.raises(ValueError, match="merge them first"):
         decoding.prepare(adapted)
+
+
+def test_a_compiled_step_decodes_what_the_eager_model_does(monkeypatch):
+    """Left-padded prompts of two lengths (so positions and masks differ per row), greedy: the same tokens, log-probabilities
+    within 1e-5; prompts of another length in the same cache bucket reuse the graph; a compiler failure falls back."""
+    model = _models()["llama"]
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9])
+    eager = generate(model, ids, 10, temperature=0, attention_mask=mask, return_logprobs=True)
+    fast = decoding.prepare(copy.deepcopy(model), torch.float32, compile=True)
+    step = fast.decoding.step
+    assert "compiled graph" in str(fast.decoding) and fast.decoding.packed == 0
+    compiled = generate(fast, ids, 10, temperature=0, attention_mask=mask, return_logprobs=True)
+    assert torch.equal(compiled[0], eager[0]) and not step.failed
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-5, rtol=0)
+    assert step.shapes == {(2, 64)} and step.compile_seconds > 0
+    seconds = step.compile_seconds
+    assert torch.equal(generate(fast, ids[:, 2:], 12, temperature=0, attention_mask=mask[:, 2:]),
+                       generate(model, ids[:, 2:], 12, temperature=0, attention_mask=mask[:, 2:]))
+    assert step.shapes == {(2, 64)} and step.compile_seconds == seconds  # 7 + 12 tokens: the same bucket, no new graph
+
+    def broken(*args):
+        raise RuntimeError("compiler crashed\nsecond line")
+
+    monkeypatch.setattr(step, "graph", broken)
+    with pytest.warns(UserWarning, match="compiled step failed .RuntimeError: compiler crashed.; decoding eagerly"):
+        again = generate(fast, ids, 10, temperature=0, attention_mask=mask)
+    assert torch.equal(again, eager[0]) and "eager: RuntimeError" in str(fast.decoding)
+
+
+def test_without_a_compiler_the_step_runs_eagerly_and_says_so(monkeypatch):
+    monkeypatch.setattr(decoding.shutil, "which", lambda name: None)
+    fast = decoding.prepare(_models()["gpt2"], torch.float32, compile=True)
+    assert "eager: no C++ compiler" in str(fast.decoding)
+    assert torch.equal(generate(fast, torch.tensor([[1, 2, 3]]), 5, temperature=0),
+                       generate(_models()["gpt2"], torch.tensor([[1, 2, 3]]), 5, temperature=0))
