@@ -30,8 +30,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
 
+    import httpx
     import pandas as pd
     import torch
+
+    from llmnb import checkpoint, decoding
 
     from llmnb.serve import llama_cpp_process, local_server
     from llmnb.serve.loadtest import closed_loop, poisson, warm_up
@@ -53,8 +56,12 @@ def main() -> None:
 
     rows, started = [], time.perf_counter()
     common = ("--context", str(args.context), "--moderation", "none")
+    launched = time.perf_counter()
     with local_server(model, "--max-batch", str(slots), *common) as server:
+        ready = time.perf_counter() - launched
+        health = httpx.get(f"{server.url}/health").json()
         rows += sweep(server.url, "ours, batching on")
+        ours_rss = server.rss_bytes()
     with local_server(model, "--max-batch", "1", *common) as server:
         rows += sweep(server.url, "ours, batching off")
     with local_server(model, "--max-batch", str(slots), "--context", str(args.context)) as server:  # the default safety filter on
@@ -62,6 +69,7 @@ def main() -> None:
         rows.append(closed_loop(server.url, name, 16, args.seconds, args.max_tokens, server="ours, batching on, safety filter"))
     with llama_cpp_process(gguf, n_parallel=slots, context=args.context) as server:
         rows += sweep(server.url, f"llama.cpp ({Path(gguf).stem.split('.')[-1]})")
+        llama_rss = server.rss_bytes()
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 250)
     print(table.round(1).to_string(index=False))
@@ -71,6 +79,15 @@ def main() -> None:
         llama = at16.iloc[-1]
         print(f"\nat 16 clients: batching on / off = {on / off:.2f}x (target >= 4), ours / llama.cpp = {on / llama:.2f}x (target >= 0.5); "
               f"the safety filter keeps {filtered / on:.2f}x of ours' throughput")
+    served = decoding.prepare(checkpoint.load(model)[0])  # what the server holds: its weights and its KV cache's size
+    weights = decoding.weight_bytes(served)
+    cache = slots * args.context * served.kv_cache_bytes_per_token("fp32") * served.decoding.dtype.itemsize / 4
+    at1 = table[table.clients == 1].set_index("server")["TPOT p50 ms"]
+    print(f"\nours decodes as: {health['decoding']}; ready (/health 200) {ready:.0f} s after launch")
+    print(f"at 1 client, time per output token: ours {at1['ours, batching on']:.1f} ms, llama.cpp {at1.iloc[-1]:.1f} ms: "
+          f"{at1['ours, batching on'] / at1.iloc[-1]:.2f}x (target <= 1.3)")
+    print(f"resident memory: ours {ours_rss / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
+          f"+ {(ours_rss - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two); llama.cpp {llama_rss / 1e6:.0f} MB")
     print(f"took {time.perf_counter() - started:.0f} s")
 
 

@@ -71,13 +71,15 @@ class CompiledStep:
     read whole, masked, and its length rounded up to `CACHE_ROUND` tokens: a new (batch, length)
     pair compiles once more (about 45 s for SmolLM2-135M on 2 cores), counted in `compile_seconds`.
     A failure to compile warns once and the step runs eagerly from then on (`failed` says why).
-    Frozen weights: the model must not change after this (inference only).
+    Frozen weights: the model must not change after this (inference only), and the graph holds its own
+    packed copy of every matrix the step multiplies by (the output head's too), beside the model's: a
+    compiled model takes twice its weights' memory. The server does not compile (its rows change every step).
     """
     CACHE_ROUND = 64
 
     def __init__(self, model: GPT):
         self.model = model
-        self.graph = torch.compile(model.layers, fullgraph=True, dynamic=False, options={"freezing": True})
+        self.graph = torch.compile(self._logits, fullgraph=True, dynamic=False)
         self.shapes: set[tuple[int, int]] = set()
         self.compile_seconds = 0.0
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
@@ -86,8 +88,12 @@ class CompiledStep:
         """The KV cache length that holds `tokens`: rounded up, so that prompts of similar lengths share a graph."""
         return min(-(-tokens // self.CACHE_ROUND) * self.CACHE_ROUND, self.model.config.block_size)
 
+    def _logits(self, tokens, positions, mask, cache) -> torch.Tensor:
+        return self.model.lm_head(self.model.layers(tokens, positions, mask, cache)[:, -1]).float()
+
     def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """The last hidden state (B, C) after `tokens` (B, 1), as `model.hidden_states(tokens, attention_mask, cache)[:, -1]`."""
+        """The next-token logits (B, vocab) in fp32 after `tokens` (B, 1), as the model's head on
+        `model.hidden_states(tokens, attention_mask, cache)[:, -1]`."""
         b, length, past = tokens.shape[0], cache.keys[0].shape[2], cache.length
         columns = torch.arange(length, device=tokens.device)
         if attention_mask is None:
@@ -98,26 +104,29 @@ class CompiledStep:
             mask = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
         cache.slot = torch.tensor([past], device=tokens.device)
         try:
-            hidden = self._run(tokens, positions, mask[:, None, None, :], cache)
+            logits = self._run(tokens, positions, mask[:, None, None, :], cache)
         finally:
             cache.slot = None
         cache.length += 1
-        return hidden[:, -1]
+        return logits
 
     def _run(self, tokens, positions, mask, cache) -> torch.Tensor:
         if self.failed:
-            return self.model.layers(tokens, positions, mask, cache)
+            return self._logits(tokens, positions, mask, cache)
         start, new = time.perf_counter(), (tokens.shape[0], mask.shape[-1]) not in self.shapes
         try:
-            hidden = self.graph(tokens, positions, mask, cache)
+            # freezing: the weights become constants, which lets Inductor pack them for oneDNN (read at compile time only;
+            # passed through `torch.compile(options=...)` it does not reach the graph's lowering)
+            with torch._inductor.config.patch(freezing=True):
+                logits = self.graph(tokens, positions, mask, cache)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: decode eagerly instead, say so once
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             warnings.warn(f"llmnb.decoding: the compiled step failed ({self.failed}); decoding eagerly", stacklevel=3)
-            return self.model.layers(tokens, positions, mask, cache)
+            return self._logits(tokens, positions, mask, cache)
         if new:
             self.shapes.add((tokens.shape[0], mask.shape[-1]))
             self.compile_seconds += time.perf_counter() - start
-        return hidden
+        return logits
 
 
 def compiler_available() -> bool:

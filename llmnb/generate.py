@@ -58,9 +58,9 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
             hidden, idx = hidden.repeat_interleave(samples, dim=0), idx.repeat_interleave(samples, dim=0)
             mask = mask.repeat_interleave(samples, dim=0) if mask is not None else None
             cache = cache.repeat_interleave(samples) if cache is not None else None
+        logits = model.lm_head(hidden).float()  # (B, vocab): only the last position's logits are needed
         seq = idx
         for step in range(max_new_tokens):
-            logits = model.lm_head(hidden).float()  # (B, vocab): only the last position's logits are needed
             next_token = sample(logits, seq, temperature, top_k, top_p, repetition_penalty, generator)
             logprob = logits.log_softmax(-1).gather(1, next_token[:, None]).squeeze(1)
             if stops.numel():
@@ -74,10 +74,10 @@ def generate_stream(model: GPT, idx: torch.Tensor, max_new_tokens: int, *, tempe
             if step + 1 == max_new_tokens or (stops.numel() and bool(done.all())):
                 return
             if compiled is not None:
-                hidden = compiled(next_token[:, None], mask, cache)
+                logits = compiled(next_token[:, None], mask, cache)
             else:
                 step_input = next_token[:, None] if cache is not None else seq
-                hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]
+                logits = model.lm_head(model.hidden_states(step_input, attention_mask=mask, cache=cache)[:, -1]).float()
     finally:
         model.train(was_training)
 
