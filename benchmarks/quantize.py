@@ -54,7 +54,8 @@ def main() -> None:
     rows = {}
 
     def torch_row(name, m):
-        rows[name] = {"bytes": q.model_bytes(m), "perplexity": evaluation.perplexity(m, ids),
+        weights = decoding.weight_bytes(m) if getattr(m, "decoding", None) else q.model_bytes(m)  # packed matrices are no parameters
+        rows[name] = {"bytes": weights, "perplexity": evaluation.perplexity(m, ids),
                       "tokens/s": q.decode_speed(m, prompt, args.tokens, repeats=args.repeats)}
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
 

@@ -69,7 +69,7 @@ class CompiledStep:
     `torch.compile` with Inductor turns the step into fused C++ (it needs a C++ compiler) with the
     weights frozen in as constants and packed for oneDNN. Every shape is fixed, so the KV cache is
     read whole, masked, and its length rounded up to `CACHE_ROUND` tokens: a new (batch, length)
-    pair compiles once more (about 45 s for SmolLM2-135M on 2 cores), counted in `compile_seconds`.
+    pair compiles once more (benchmarks/generation.py prints how long), counted in `compile_seconds`.
     A failure to compile warns once and the step runs eagerly from then on (`failed` says why).
     Frozen weights: the model must not change after this (inference only), and the graph holds its own
     packed copy of every matrix the step multiplies by (the output head's too), beside the model's: a

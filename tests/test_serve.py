@@ -127,7 +127,8 @@ def test_lm_eval_scores_the_served_model_as_it_scores_the_same_folder(server, tm
 
 
 def test_key_health_models_and_metrics(server, client):
-    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"  # no key needed
+    health = httpx.get(f"{server.url}/health").json()  # no key needed
+    assert health["status"] == "ok" and health["decoding"].startswith(("bf16", "fp32"))  # says how it decodes (llmnb.decoding)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         reply = httpx.get(f"{server.url}/v1/models", headers=headers)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
