@@ -54,8 +54,7 @@ def main() -> None:
     rows = {}
 
     def torch_row(name, m):
-        weights = decoding.weight_bytes(m) if getattr(m, "decoding", None) else q.model_bytes(m)  # packed matrices are no parameters
-        rows[name] = {"bytes": weights, "perplexity": evaluation.perplexity(m, ids),
+        rows[name] = {"bytes": decoding.weight_bytes(m), "perplexity": evaluation.perplexity(m, ids),
                       "tokens/s": q.decode_speed(m, prompt, args.tokens, repeats=args.repeats)}
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
 

@@ -12,8 +12,7 @@ CPU read them faster, each measured in benchmarks/generation.py:
     print(model.decoding)    # bf16 (the processor has AVX-512 BF16 or AMX), 210 weight matrices packed for oneDNN
     generate(model, ids, 32)
 
-The model keeps its own forward, KV cache and sampling; only its linear layers change kind.
-`GPT.for_decoding` (same values, gradients still flow) is what adapters and training use. A tied
+The model keeps its own forward, KV cache and sampling; only its linear layers change kind. A tied
 output head stays the embedding's own tensor, unpacked: packing it would store the vocabulary
 matrix twice (113 MB in fp32 for SmolLM2).
 """
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from . import hardware
 from .lora import adapters
 from .model import GPT, KVCache, swap_module
+from .quantize import model_bytes
 
 
 class PackedLinear(nn.Module):
@@ -149,7 +149,7 @@ class Decoding:
         return f"{self.why}, {layout}"
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # the names `llmnb serve --dtype` takes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names `prepare` takes (the CLI offers the first two)
 
 
 def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, compile: bool = False) -> GPT:
@@ -186,10 +186,6 @@ def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, co
 
 
 def weight_bytes(model: GPT) -> int:
-    """Bytes of the weights a prepared model decodes with (packed matrices at their plain size, each tensor once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total + sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    """Bytes of the weights a model decodes with, prepared or not: `quantize.model_bytes` plus the packed matrices
+    (no parameters, so model_bytes does not see them), at their plain size."""
+    return model_bytes(model) + sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
