@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--moderation-threshold", type=float, default=None)
     serve_p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                          help="decoding precision (default auto: bf16 where the CPU has AVX-512 BF16 or AMX, else fp32)")
+    serve_p.add_argument("--compile", action="store_true",
+                         help="decode with one compiled graph per step (built in the background, 1-2 minutes on 2 cores, "
+                              "eager meanwhile; about 2x faster at 16 clients, one more copy of the weights in memory)")
     gguf_p = sub.add_parser("serve-gguf", help="serve a GGUF file with llama.cpp's own server (xllamacpp)")
     gguf_p.add_argument("gguf")
     gguf_p.add_argument("--host", default="127.0.0.1")
@@ -98,7 +101,8 @@ def _serve(args) -> int:
         print(f"llmnb serve: {args.adapter} is not a LoRA adapter folder (no adapter_config.json)", file=sys.stderr)
         return 2
     config = ServeConfig(args.model, args.adapter, args.name, args.api_key, args.max_batch, args.context, args.max_waiting,
-                         args.max_body_bytes, args.moderation, args.moderation_threshold, args.dtype)
+                         args.max_body_bytes, args.moderation, args.moderation_threshold, args.dtype,
+                         args.compile)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"llmnb serve: listening on {args.host} without an API key: anyone who reaches this port can use the model", file=sys.stderr)
     def cannot_serve(reason: str) -> None:  # a server that cannot serve says why and exits, rather than answering 503 forever

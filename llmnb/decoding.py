@@ -63,26 +63,63 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, packed for oneDNN"
 
 
-class CompiledStep:
-    """One decoding step (every row's one new token through every layer) as one compiled graph.
+class Compiled:
+    """`fn` as one Inductor graph with the model's weights frozen in as constants (which lets Inductor pack them for
+    oneDNN); `fn` itself, eagerly, where no graph can be built.
 
-    `torch.compile` with Inductor turns the step into fused C++ (it needs a C++ compiler) with the
-    weights frozen in as constants and packed for oneDNN. Every shape is fixed, so the KV cache is
-    read whole, masked, and its length rounded up to `CACHE_ROUND` tokens: a new (batch, length)
-    pair compiles once more (benchmarks/generation.py prints how long), counted in `compile_seconds`.
-    A failure to compile warns once and the step runs eagerly from then on (`failed` says why).
+    Inductor writes C++ and builds it with the system's compiler. A failure warns once and every later call
+    runs `fn` eagerly (`failed` says why). `compile_seconds` counts the calls its caller says compiled.
     Frozen weights: the model must not change after this (inference only), and the graph holds its own
-    packed copy of every matrix the step multiplies by (the output head's too), beside the model's: a
-    compiled model takes twice its weights' memory. The server does not compile (its rows change every step).
+    packed copy of every matrix it multiplies by, beside the model's.
+    """
+
+    def __init__(self, fn, dynamic: bool = False):
+        self.fn = fn
+        self.graph = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+        self.compile_seconds = 0.0
+        self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
+
+    def __call__(self, *args, compiles: bool = False):
+        """fn(*args), compiled; `compiles`: this call builds a graph, count its time."""
+        if self.failed:
+            return self.fn(*args)
+        start = time.perf_counter()
+        try:
+            # freezing is read at compile time only (passed through `torch.compile(options=...)` it does not reach
+            # the graph's lowering, which then multiplies with plain aten::mm)
+            with torch._inductor.config.patch(freezing=True):
+                out = self.graph(*args)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead, say so once
+            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            warnings.warn(f"llmnb.decoding: the compiled step failed ({self.failed}); decoding eagerly", stacklevel=3)
+            return self.fn(*args)
+        if compiles:
+            self.compile_seconds += time.perf_counter() - start
+        return out
+
+
+class CompiledStep:
+    """One step of `llmnb.generate` (every row's one new token through every layer and the head) as one graph.
+
+    Every shape is fixed, so the KV cache is read whole, masked, and its length rounded up to
+    `CACHE_ROUND` tokens: a new (batch, length) pair compiles once more (benchmarks/generation.py
+    prints how long), counted in `compile_seconds`. The server's step is compiled once for every
+    batch and length instead (llmnb.serve.scheduler): its rows change every step.
     """
     CACHE_ROUND = 64
 
     def __init__(self, model: GPT):
         self.model = model
-        self.graph = torch.compile(self._logits, fullgraph=True, dynamic=False)
+        self.compiled = Compiled(self._logits)
         self.shapes: set[tuple[int, int]] = set()
-        self.compile_seconds = 0.0
-        self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
+
+    @property
+    def failed(self) -> str:
+        return self.compiled.failed
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.compiled.compile_seconds
 
     def cache_length(self, tokens: int) -> int:
         """The KV cache length that holds `tokens`: rounded up, so that prompts of similar lengths share a graph."""
@@ -103,29 +140,13 @@ class CompiledStep:
             positions = attention_mask.sum(1, keepdim=True) - 1
             mask = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
         cache.slot = torch.tensor([past], device=tokens.device)
+        shape = (b, length)
         try:
-            logits = self._run(tokens, positions, mask[:, None, None, :], cache)
+            logits = self.compiled(tokens, positions, mask[:, None, None, :], cache, compiles=shape not in self.shapes)
         finally:
             cache.slot = None
+        self.shapes.add(shape)
         cache.length += 1
-        return logits
-
-    def _run(self, tokens, positions, mask, cache) -> torch.Tensor:
-        if self.failed:
-            return self._logits(tokens, positions, mask, cache)
-        start, new = time.perf_counter(), (tokens.shape[0], mask.shape[-1]) not in self.shapes
-        try:
-            # freezing: the weights become constants, which lets Inductor pack them for oneDNN (read at compile time only;
-            # passed through `torch.compile(options=...)` it does not reach the graph's lowering)
-            with torch._inductor.config.patch(freezing=True):
-                logits = self.graph(tokens, positions, mask, cache)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: decode eagerly instead, say so once
-            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            warnings.warn(f"llmnb.decoding: the compiled step failed ({self.failed}); decoding eagerly", stacklevel=3)
-            return self._logits(tokens, positions, mask, cache)
-        if new:
-            self.shapes.add((tokens.shape[0], mask.shape[-1]))
-            self.compile_seconds += time.perf_counter() - start
         return logits
 
 

@@ -421,24 +421,6 @@ class GPT(nn.Module):
     def kv_cache_bytes_per_token(self, dtype: str = "fp32") -> float:
         return self.config.shape().kv_cache_bytes_per_token(dtype)
 
-    # --- decoding layout ------------------------------------------------------------------------
-
-    def for_decoding(self) -> GPT:
-        """On a CPU, store every linear weight as (in, out) in memory: same shapes, same values, returns self.
-
-        Generating one token is a matrix-vector product per weight, bound by memory bandwidth;
-        on CPUs this layout streams faster (benchmarks/generation.py measures it: 2x for the
-        output head at one row). It is the layout of GPT-2's original Conv1D weights. A tied
-        head stays tied: the one tensor it shares with the embedding changes layout, no copy is made.
-        """
-        if self.norm_f.weight.device.type != "cpu":
-            return self
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
-        return self
-
 
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put `new` in place of `root`'s submodule `name` (a dotted path); returns the module it replaced.

@@ -138,7 +138,7 @@ def test_a_compiled_step_decodes_what_the_eager_model_does(monkeypatch):
     def broken(*args):
         raise RuntimeError("compiler crashed\nsecond line")
 
-    monkeypatch.setattr(step, "graph", broken)
+    monkeypatch.setattr(step.compiled, "graph", broken)
     with pytest.warns(UserWarning, match="compiled step failed .RuntimeError: compiler crashed.; decoding eagerly"):
         again = generate(fast, ids, 10, temperature=0, attention_mask=mask)
     assert torch.equal(again, eager[0]) and "eager: RuntimeError" in str(fast.decoding)

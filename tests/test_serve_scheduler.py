@@ -86,22 +86,51 @@ def test_background_thread_serves_and_stops(model):
     assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
 
 
-def test_the_decoding_layout_keeps_a_tied_head_tied_and_copies_no_weight(model):
-    import copy
+def _joining_and_leaving(scheduler):
+    """Requests of different lengths joining mid-flight and finishing at different steps: each row's tokens and log-probabilities."""
+    prompts, lengths = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 8, 7, 6, 5]], [12, 5, 1, 7]
+    seqs = []
+    for prompt, n in zip(prompts, lengths):
+        seqs.append(submit(scheduler, prompt, Sampling(n, temperature=0, top_logprobs=2)))
+        scheduler.step()
+    run_until_idle(scheduler)
+    return [seq.tokens for seq in seqs], torch.tensor([e.logprob for seq in seqs for e in seq.events])
 
-    tied = GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, tie_embeddings=True)).eval()
-    for original in (model, tied):
-        laid_out = copy.deepcopy(original)
-        stored = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in laid_out.parameters()}
-        laid_out.for_decoding()
-        after = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in laid_out.parameters()}
-        assert sum(after.values()) == sum(stored.values()), "no weight is stored twice"
-        assert laid_out.lm_head.weight.t().is_contiguous() and laid_out.blocks[0].mlp.down_proj.weight.t().is_contiguous()
-        x = torch.randint(0, 97, (3, 9))
-        assert torch.allclose(laid_out(x)[0], original(x)[0], atol=1e-5)
-        assert alone(laid_out, [4, 5, 6], 8, temperature=0) == alone(original, [4, 5, 6], 8, temperature=0)
-    assert laid_out.lm_head.weight is laid_out.wte.weight
 
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
+    """One graph for every number of rows and cache length: one row (served as two), rows joining and leaving, a cache
+    of other sizes than the one it was built on, all without compiling again (that would fail, and fall back)."""
+    compiled = Scheduler(model, max_batch=max_batch, context=64, compile=True)
+    with torch.no_grad():
+        compiled.graph.build(model)  # the first build takes about 25 s on 2 cores; later ones find dynamo's graph
+    assert compiled.graph.ready, compiled.decoding()
+    tokens, logprobs = _joining_and_leaving(compiled)
+    assert not compiled.graph.compiled.failed, compiled.graph.compiled.failed
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=max_batch, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
+    assert compiled.decoding().startswith("one compiled graph per step")
+
+
+def test_the_compiled_step_builds_in_the_background_while_serving_eagerly(model):
+    s = Scheduler(model, max_batch=4, context=64, compile=True)
+    s.start()
+    seqs = [submit(s, [i + 1, i + 2], Sampling(5, temperature=0)) for i in range(6)]
+    s.stop()
+    assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
+
+
+def test_without_a_compiler_the_server_step_stays_eager_and_says_so(model, monkeypatch):
+    from llmnb import decoding
+
+    monkeypatch.setattr(decoding, "compiler_available", lambda: False)
+    s = Scheduler(model, max_batch=2, context=64, compile=True)
+    s.graph.build(model)
+    assert not s.graph.ready and s.decoding() == "eager: no C++ compiler (g++, c++ or clang++) for Inductor"
+    seq = submit(s, [3, 4], Sampling(4, temperature=0))
+    run_until_idle(s)
+    assert seq.tokens == alone(model, [3, 4], 4, temperature=0)
 
 
 def test_a_served_adapter_is_merged_onto_its_base(tmp_path):

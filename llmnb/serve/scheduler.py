@@ -8,7 +8,13 @@ on views of those rows, with no copies:
            -> one batched forward on the n running rows (one token each) -> finished rows leave
 
 A request that finishes hands its row to the last running request (one row copied), so the
-rows stay packed. With `max_batch=1` the same server serves requests one after another:
+rows stay packed.
+
+`compile=True`: the decoding step (every layer and the head, the cache writes included) becomes one
+Inductor graph for every number of rows and every cache length (`torch.compile` with dynamic shapes,
+weights frozen and packed for oneDNN; benchmarks/serve.py measures what it buys). It compiles on a
+thread of its own, on a small cache of its own, while the scheduler serves eagerly; the scheduler
+switches to it once it is built, and stays eager, with one warning, if it cannot be. With `max_batch=1` the same server serves requests one after another:
 "batching off", the baseline the notebook and benchmarks/serve.py measure against.
 
 The scheduler runs the model in one background thread; `submit` and `cancel` are safe to call
@@ -18,13 +24,16 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..data import pad_rows
+from ..decoding import Compiled
 from ..generate import sample
 from ..model import GPT, KVCache
 
@@ -94,48 +103,92 @@ class SlotCache:
             self.values[layer][target, :, :n] = self.values[layer][source, :, :n]
         self.lengths[target] = n
 
-    def step_view(self, n: int) -> _RowsStep:
-        return _RowsStep(self, n)
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class _RowsStep:
-    """What GPT.hidden_states needs from a cache for one decoding step of rows 0..n-1.
+    """The cache as GPT.layers sees it for one decoding step of rows 0..n-1: row i writes its new key at its own
+    position `positions[i]`, then attention reads the first `length` positions of every row, masked per row.
 
-    Row i writes its new key at its own position lengths[i]; attention then reads the first
-    `length + 1` positions of every row, and the mask hides each row's positions past its own.
+    Nothing here is a Python decision on a tensor's value, so the same code runs eagerly and inside the compiled graph.
     """
 
-    def __init__(self, cache: SlotCache, n: int):
-        self.cache, self.n = cache, n
-        self.positions = cache.lengths[:n].clone()  # (n,) where each row's new token goes
-        self.length = int(self.positions.max())  # "past" as the model sees it: the longest row
-        columns = torch.arange(self.length + 1, device=self.positions.device)
-        # (n, 1, 1, length + 1), given to the model as it is: its own padding mask assumes every row's new token sits
-        # in the last column (left padding), here only the longest row's does
-        self.attention_mask = (columns[None, :] <= self.positions[:, None])[:, None, None, :]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, length: int):
+        self.keys, self.values, self.positions, self.length = keys, values, positions, length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(self.n, device=k.device)
-        self.cache.keys[layer][rows, :, self.positions] = k[:, :, 0]  # k: (n, n_kv, 1, hs)
-        self.cache.values[layer][rows, :, self.positions] = v[:, :, 0]
-        end = self.length + 1
-        return self.cache.keys[layer][:self.n, :, :end], self.cache.values[layer][:self.n, :, :end]
+        n = k.shape[0]
+        rows = torch.arange(n, device=k.device)
+        self.keys[layer][rows, :, self.positions] = k[:, :, 0]  # k: (n, n_kv, 1, hs)
+        self.values[layer][rows, :, self.positions] = v[:, :, 0]
+        return self.keys[layer][:n, :, :self.length], self.values[layer][:n, :, :self.length]
+
+
+class StepGraph:
+    """The scheduler's decoding step compiled once for any number of rows (2 or more) and any cache length.
+
+    Built on a thread of its own (`build`), on a cache of its own: dynamo traces with fake tensors and
+    reads the model without changing it, so the scheduler keeps serving eagerly meanwhile. Every size
+    is marked dynamic and given a distinct value in the build, so none is specialised or tied to
+    another; one row is served as two (a free row computes beside it): a dimension of size 1 would be
+    specialised into a graph of its own.
+    """
+    MIN_ROWS = 2
+
+    def __init__(self, logits_fn):
+        self.compiled = Compiled(logits_fn, dynamic=True)
+        self.ready = False
+
+    def build(self, model: GPT) -> None:
+        c, (rows, slots, length, context) = model.config, (3, 5, 11, 13)
+        dtype, device = model.norm_f.weight.dtype, model.norm_f.weight.device
+        keys = [torch.zeros(slots, c.n_kv_head, context, c.head_dim, dtype=dtype, device=device) for _ in range(c.n_layer)]
+        values = [torch.zeros_like(k) for k in keys]
+        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        positions = torch.arange(rows, device=device)
+        mask = _mask(positions, length)
+        for t, dims in [(tokens, [0]), (positions, [0]), (mask, [0, 3])] + [(t, [0, 2]) for t in keys + values]:
+            torch._dynamo.mark_dynamic(t, dims)
+        self.compiled(tokens, positions, mask, keys, values, compiles=True)
+        self.ready = not self.compiled.failed
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys, values) -> torch.Tensor:
+        n = tokens.shape[0]
+        pad = max(0, self.MIN_ROWS - n)  # the padding rows write at position 0 of free rows, which a prefill overwrites
+        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
+        # a call that does not fit the graph built must not compile another in the middle of serving (a minute or
+        # more): it fails instead, and the step falls back to eager, once warned
+        with torch.compiler.set_stance("fail_on_recompile"):
+            return self.compiled(tokens, positions, _mask(positions, int(positions.max()) + 1), keys, values)[:n]
+
+    def __str__(self) -> str:
+        if self.compiled.failed:
+            return f"eager: {self.compiled.failed}"
+        if not self.ready:
+            return "eager while the compiled step builds"
+        return f"one compiled graph per step, any rows and length (built in {self.compiled.compile_seconds:.0f} s)"
+
+
+def _mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(n, 1, 1, length): row i sees positions 0 .. positions[i]."""
+    columns = torch.arange(length, device=positions.device)
+    return (columns[None, :] <= positions[:, None])[:, None, None, :]
 
 
 class Scheduler:
     """Runs `model` for every submitted Sequence, `max_batch` at a time, in a background thread."""
 
     def __init__(self, model: GPT, max_batch: int = 8, context: int | None = None, max_waiting: int = 64,
-                 metrics=None, prefill_tokens: int = 4096):
+                 metrics=None, prefill_tokens: int = 4096, compile: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
         self.context = min(context or model.config.block_size, model.config.block_size)
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
-        self.cache = SlotCache(model, max_batch, self.context)
+        self.graph = StepGraph(self._logits) if compile else None
+        # a compiled step computes at least MIN_ROWS rows: the padding row needs a (free) row of the cache
+        self.cache = SlotCache(model, max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
         self.metrics = metrics
@@ -165,7 +218,26 @@ class Scheduler:
     def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._loop, name="llmnb-scheduler", daemon=True)
         self._thread.start()
+        if self.graph is not None:
+            self.build_in_background()
         return self
+
+    def build_in_background(self) -> threading.Thread:
+        """Compile the step on a thread; the scheduler uses it from the step after it is built."""
+        def build() -> None:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dynamo's and Inductor's own; a failure is warned about below
+                self.graph.build(self.model)
+            if self.graph.compiled.failed:
+                warnings.warn(f"llmnb.serve: the compiled step failed ({self.graph.compiled.failed}); serving eagerly")
+
+        thread = threading.Thread(target=build, name="llmnb-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def decoding(self) -> str:
+        """How the step runs, for /health."""
+        return "eager" if self.graph is None else str(self.graph)
 
     def stop(self) -> None:
         """Finish the requests already submitted, then end the thread."""
@@ -207,15 +279,22 @@ class Scheduler:
             self._gauges()
             return 0
         last = torch.tensor([[seq.tokens[-1]] for seq in self.running], device=self.cache.lengths.device)  # (n, 1)
-        view = self.cache.step_view(n)
-        hidden = self.model.hidden_states(last, attention_mask=view.attention_mask, position_ids=view.positions[:, None], cache=view)
-        logits = self.model.lm_head(hidden[:, -1, :]).float()  # (n, vocab)
+        positions = self.cache.lengths[:n].clone()  # (n,) where each row's new token goes
+        if self.graph is not None and self.graph.ready:
+            logits = self.graph(last, positions, self.cache.keys, self.cache.values)
+        else:
+            logits = self._logits(last, positions, _mask(positions, int(positions.max()) + 1), self.cache.keys, self.cache.values)
         self.cache.lengths[:n] += 1
         tokens = self._sample(logits)
         for i in reversed(range(n)):  # backwards: retiring row i moves the last row into it
             self._advance(i, tokens[i])
         self._gauges()
         return n
+
+    def _logits(self, tokens, positions, mask, keys, values) -> torch.Tensor:
+        """(n, vocab) fp32 logits of each row's next token; writes each row's new keys and values at its position."""
+        cache = _RowsStep(keys, values, positions, mask.shape[-1])
+        return self.model.lm_head(self.model.layers(tokens, positions[:, None], mask, cache)[:, -1]).float()
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests for the free rows, first come first served, up to `prefill_tokens` padded tokens together."""

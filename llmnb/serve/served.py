@@ -30,6 +30,7 @@ class ServeConfig:
     moderation: str = "profanity"
     moderation_threshold: float | None = None
     dtype: str = "auto"  # decoding precision: "auto" (bf16 where the CPU computes it natively), "float32", "bfloat16"
+    compile: bool = False  # the decoding step as one compiled graph, built in the background (scheduler.StepGraph)
 
 
 class Served:
@@ -50,7 +51,8 @@ class Served:
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
-        decoding.prepare(model, self.config.dtype)  # bf16 where the CPU computes it natively, weights packed; a tied head stays tied
+        # bf16 where the CPU computes it natively, weights packed (a compiled step packs its own); a tied head stays tied
+        decoding.prepare(model, self.config.dtype, pack=not self.config.compile)
         self.model, self.tokenizer = model, tokenizer
         self.hf = hasattr(tokenizer, "apply_chat_template")
         self.chat_template = bool(getattr(tokenizer, "chat_template", None))
@@ -58,7 +60,7 @@ class Served:
         self.stop_ids = frozenset(i for i in eos if i is not None)
         self.filter = filter_loaded()
         self.scheduler = Scheduler(model, self.config.max_batch, self.config.context or min(model.config.block_size, 2048),
-                                   self.config.max_waiting, self.metrics).start()
+                                   self.config.max_waiting, self.metrics, compile=self.config.compile).start()
         self.ready.set()
 
     def load_in_background(self, on_error: Callable[[str], None] | None = None) -> threading.Thread:
