@@ -116,6 +116,7 @@ def test_what_a_prepared_model_refuses():
         decoding.prepare(adapted)
 
 
+@cpu_paths  # Inductor writes its C++ for the processor's vector ISA (AVX-512, AVX2 or none, from ATEN_CPU_CAPABILITY)
 def test_a_compiled_step_decodes_what_the_eager_model_does(monkeypatch):
     """Left-padded prompts of two lengths (so positions and masks differ per row), greedy: the same tokens, log-probabilities
     within 1e-5; prompts of another length in the same cache bucket reuse the graph; a compiler failure falls back."""

@@ -97,6 +97,7 @@ def _joining_and_leaving(scheduler):
     return [seq.tokens for seq in seqs], torch.tensor([e.logprob for seq in seqs for e in seq.events])
 
 
+@pytest.mark.cpu_paths  # Inductor writes its C++ for the processor's vector ISA: run again on the lower path
 @pytest.mark.parametrize("max_batch", [1, 3])
 def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
     """One graph for every number of rows and cache length: one row (served as two), rows joining and leaving, a cache
