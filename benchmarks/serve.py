@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled server (its build takes 1-2 minutes)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled server (it builds for about 3 minutes on 2 cores)")
     args = parser.parse_args()
 
     import httpx

@@ -126,7 +126,7 @@ class CompiledStep:
         return min(-(-tokens // self.CACHE_ROUND) * self.CACHE_ROUND, self.model.config.block_size)
 
     def _logits(self, tokens, positions, mask, cache) -> torch.Tensor:
-        return self.model.lm_head(self.model.layers(tokens, positions, mask, cache)[:, -1]).float()
+        return next_logits(self.model, tokens, positions, mask, cache)
 
     def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """The next-token logits (B, vocab) in fp32 after `tokens` (B, 1), as the model's head on
@@ -148,6 +148,12 @@ class CompiledStep:
         self.shapes.add(shape)
         cache.length += 1
         return logits
+
+
+def next_logits(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """(B, vocab) fp32 logits after each row's last token, the head inside: what a compiled step computes (`GPT.layers`
+    takes no Python decision on the cache's length, so this traces into one graph)."""
+    return model.lm_head(model.layers(tokens, positions, mask, cache)[:, -1]).float()
 
 
 def compiler_available() -> bool:

@@ -8,14 +8,14 @@ on views of those rows, with no copies:
            -> one batched forward on the n running rows (one token each) -> finished rows leave
 
 A request that finishes hands its row to the last running request (one row copied), so the
-rows stay packed.
+rows stay packed. With `max_batch=1` the same server serves requests one after another:
+"batching off", the baseline the notebook and benchmarks/serve.py measure against.
 
 `compile=True`: the decoding step (every layer and the head, the cache writes included) becomes one
 Inductor graph for every number of rows and every cache length (`torch.compile` with dynamic shapes,
 weights frozen and packed for oneDNN; benchmarks/serve.py measures what it buys). It compiles on a
 thread of its own, on a small cache of its own, while the scheduler serves eagerly; the scheduler
-switches to it once it is built, and stays eager, with one warning, if it cannot be. With `max_batch=1` the same server serves requests one after another:
-"batching off", the baseline the notebook and benchmarks/serve.py measure against.
+switches to it once it is built, and stays eager, with one warning, if it cannot be.
 
 The scheduler runs the model in one background thread; `submit` and `cancel` are safe to call
 from any thread, and each request's tokens come back through its `emit` callback.
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import pad_rows
-from ..decoding import Compiled
+from ..decoding import Compiled, next_logits
 from ..generate import sample
 from ..model import GPT, KVCache
 
@@ -141,6 +141,10 @@ class StepGraph:
         self.ready = False
 
     def build(self, model: GPT) -> None:
+        """Compile the graph (minutes for a real model on 2 cores); a failure warns once (`Compiled`) and leaves it eager."""
+        if self.compiled.failed:  # no compiler: nothing to build, and Compiled would not say so
+            warnings.warn(f"llmnb.serve: {self}; serving eagerly")
+            return
         c, (rows, slots, length, context) = model.config, (3, 5, 11, 13)
         dtype, device = model.norm_f.weight.dtype, model.norm_f.weight.device
         keys = [torch.zeros(slots, c.n_kv_head, context, c.head_dim, dtype=dtype, device=device) for _ in range(c.n_layer)]
@@ -195,6 +199,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.builder: threading.Thread | None = None  # compiling the step (compile=True), started by `start`
 
     # --- called from the server's threads ----------------------------------------------------
 
@@ -218,22 +223,11 @@ class Scheduler:
     def start(self) -> Scheduler:
         self._thread = threading.Thread(target=self._loop, name="llmnb-scheduler", daemon=True)
         self._thread.start()
-        if self.graph is not None:
-            self.build_in_background()
+        if self.graph is not None:  # the scheduler uses the graph from the step after it is built
+            build = torch.no_grad()(self.graph.build)
+            self.builder = threading.Thread(target=build, args=(self.model,), name="llmnb-compile", daemon=True)
+            self.builder.start()
         return self
-
-    def build_in_background(self) -> threading.Thread:
-        """Compile the step on a thread; the scheduler uses it from the step after it is built."""
-        def build() -> None:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # dynamo's and Inductor's own; a failure is warned about below
-                self.graph.build(self.model)
-            if self.graph.compiled.failed:
-                warnings.warn(f"llmnb.serve: the compiled step failed ({self.graph.compiled.failed}); serving eagerly")
-
-        thread = threading.Thread(target=build, name="llmnb-compile", daemon=True)
-        thread.start()
-        return thread
 
     def decoding(self) -> str:
         """How the step runs, for /health."""
@@ -293,8 +287,7 @@ class Scheduler:
 
     def _logits(self, tokens, positions, mask, keys, values) -> torch.Tensor:
         """(n, vocab) fp32 logits of each row's next token; writes each row's new keys and values at its position."""
-        cache = _RowsStep(keys, values, positions, mask.shape[-1])
-        return self.model.lm_head(self.model.layers(tokens, positions[:, None], mask, cache)[:, -1]).float()
+        return next_logits(self.model, tokens, positions[:, None], mask, _RowsStep(keys, values, positions, mask.shape[-1]))
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests for the free rows, first come first served, up to `prefill_tokens` padded tokens together."""
