@@ -1,7 +1,8 @@
 # The two commands a new user needs, each idempotent and doing its own set-up:
 #   make run   - create .venv, install llmnb and the offline assets, run every notebook (preset auto)
 #   make test  - the same set-up plus the test extras, then the whole test suite
-# Also: make lab (JupyterLab on the notebooks), make smoke (the CI-sized run), make clean.
+# Also: make lab (JupyterLab on the notebooks), make smoke (the CI-sized run), make clean,
+#   make notebooks (regenerate the committed notebooks: all, in order, cpu preset, from a clean outputs/; run it alone).
 # TORCH_INDEX=<index url> installs torch from another index (a CPU-only or a CUDA build).
 # The interpreter: python3 when pyproject's requires-python accepts it, else the newest python3.X that it accepts
 # (Fedora's python3 may be newer than the range); `make python` says which. PYTHON=/path/to/python overrides.
@@ -17,7 +18,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 PRESET ?= auto
 STAMP  := $(VENV)/.llmnb-installed
 
-.PHONY: python setup test-setup run smoke test lab clean
+.PHONY: python setup test-setup run smoke notebooks test lab clean
 
 python:
 	@test -n "$(PYTHON)" || { echo "No Python $(PY_SPEC), which llmnb supports, is on PATH; python3 is $$(python3 --version 2>&1)." >&2; \
@@ -44,6 +45,9 @@ run: setup
 
 smoke: setup
 	$(PY) -m llmnb run --preset smoke
+
+notebooks: setup
+	$(PY) -m llmnb run --preset cpu --commit
 
 test: setup
 	HF_HUB_OFFLINE=1 LLMNB_PRESET=smoke $(PY) -m pytest

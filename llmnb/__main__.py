@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--only", default="", help="comma-separated notebook numbers, e.g. 01,03")
     run_p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="papermill parameter (repeatable)")
     run_p.add_argument("--out", type=Path, default=None, help="folder for executed notebooks and the report (default outputs/runs/<preset>)")
+    run_p.add_argument("--commit", action="store_true", help="regenerate the committed notebooks: every notebook at the cpu preset, "
+                       "from a clean outputs/ (the old one moved to outputs/previous/), written back to notebooks/ (make notebooks)")
     assets_p = sub.add_parser("assets", help="install and prepare the offline corpus, tokenizer files and model")
     assets_p.add_argument("--no-model", action="store_true", help="skip the SmolLM2 conversion (~20 s, 540 MB)")
     sub.add_parser("info", help="print this machine's CPU, RAM, GPU, disk and library versions")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         params = {name: parse_parameter(value) for name, value in args.parameter}
         try:
-            results, report = run(args.preset, [n for n in args.only.split(",") if n] or None, params, args.out)
+            results, report = run(args.preset, [n for n in args.only.split(",") if n] or None, params, args.out, args.commit)
         except (ValueError, FileNotFoundError) as exc:
             print(f"llmnb run: {exc}", file=sys.stderr)
             return 2

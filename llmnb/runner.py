@@ -2,8 +2,12 @@
 
 Each notebook gets the preset (and any `-p NAME VALUE`) as papermill parameters and
 writes its key numbers with `llmnb.record`; the runner adds status, wall time and the
-kernel's peak memory, and writes `report.md` and `report.html` under
-`outputs/runs/<preset>/`, also when a notebook fails.
+peak memory of the kernel with the processes it starts, and writes `report.md` and
+`report.html` under `outputs/runs/<preset>/`, also when a notebook fails.
+
+`llmnb run --preset cpu --commit` (`make notebooks`) regenerates the committed notebooks: all of them, in order, from
+a clean `outputs/` (the previous one is moved aside, not deleted), each written back to `notebooks/` cleaned for
+reading (streams coalesced, no widget state, no papermill bookkeeping), and the run's table written into the README.
 """
 from __future__ import annotations
 
@@ -12,18 +16,23 @@ import html
 import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
-from .hardware import resident_bytes
-from .paths import notebooks_dir, outputs_dir
+from .assets import PREPARED
+from .paths import notebooks_dir, outputs_dir, project_root, set_aside_outputs
 from .presets import PRESETS, configure, resolve_preset
-from .record import read_records
+from .record import TreeMemory, read_records
+
+COMMITTED_PRESET = "cpu"  # the committed notebooks are this preset's run
+# Libraries that draw `tqdm.auto` bars (datasets, trl, transformers' GGUF loader) draw text bars in a batch run: a saved
+# notebook keeps a text bar's last state, a widget its first ("0 %"). Run by the kernel before the first cell.
+TEXT_BARS = ("import tqdm.auto, tqdm.autonotebook, tqdm.std; tqdm.autonotebook.tqdm = tqdm.auto.tqdm = tqdm.std.tqdm; "
+             "tqdm.autonotebook.trange = tqdm.auto.trange = tqdm.std.trange")
+README_TABLE = ("<!-- llmnb run --commit: begin -->", "<!-- llmnb run --commit: end -->")
 
 
 @dataclass
@@ -59,33 +68,6 @@ def parse_parameter(value: str):
         return value
 
 
-class PeakMemory:
-    """Polls the peak resident memory of this process's children (the kernel) in a thread."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            for child in me.children(recursive=True):
-                try:
-                    self.peak = max(self.peak, resident_bytes(child.pid)[1])
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "python3") -> NotebookResult:
     """Execute one notebook under papermill; never raises for a failing cell."""
     import papermill
@@ -98,11 +80,11 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "pyt
     os.environ["LLMNB_FIGURE_DIR"] = str(out_dir / "figures")
     start = time.perf_counter()
     try:
-        with PeakMemory() as memory:
-            papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, kernel_name=kernel,
-                                       cwd=str(path.parent), progress_bar=False, log_output=False,
-                                       # the kernel's start-up warnings (plain-TCP transport, on loopback here) are not a user's business
-                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        memory = TreeMemory(interval=0.1, include_self=False)  # the kernel and every process it starts, summed
+        papermill.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(path.parent), progress_bar=False, log_output=False,
+                                   # the kernel's start-up warnings (plain-TCP transport, on loopback here) are not a user's business
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR", f"--IPKernelApp.exec_lines={TEXT_BARS}"])
         result.status = "ok"
     except papermill.PapermillExecutionError as exc:
         result.status = "failed"
@@ -114,7 +96,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict, kernel: str = "pyt
         for name in ("LLMNB_RECORD_FILE", "LLMNB_FIGURE_DIR"):
             os.environ.pop(name, None)
     result.seconds = time.perf_counter() - start
-    result.peak_memory_bytes = memory.peak if "memory" in locals() else 0
+    result.peak_memory_bytes = memory.stop() if "memory" in locals() else 0
     result.records = read_records(record_file)
     return result
 
@@ -129,15 +111,25 @@ def _first_line(notebook: Path, execution_count: int) -> str:
     return ""
 
 
-def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | None = None, out: Path | None = None) -> tuple[list[NotebookResult], Path]:
-    """Run the collection; return the results and the report's path. Stops at the first failure."""
+def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | None = None, out: Path | None = None,
+        commit: bool = False) -> tuple[list[NotebookResult], Path]:
+    """Run the collection; return the results and the report's path. Stops at the first failure.
+
+    `commit`: regenerate the committed notebooks (see the module's docstring); they are written back only when every
+    notebook ran, so that the committed set always comes from one run in order."""
     preset = resolve_preset(preset)
+    if commit and (only or parameters or preset != COMMITTED_PRESET):
+        raise ValueError(f"--commit regenerates the committed notebooks, which are one run of every notebook at the "
+                         f"{COMMITTED_PRESET} preset with its own values: use --preset {COMMITTED_PRESET}, without --only or -p")
     os.environ["LLMNB_PRESET"] = preset  # the kernels inherit it: a smoke run writes under outputs/smoke/ (paths.outputs_dir)
     out_dir = Path(out) if out else outputs_dir("runs", preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(only)
     check_parameters(notebooks, preset, parameters or {})
-    params = {"preset": preset, **(parameters or {})}
+    # a committed notebook must not carry an injected cell that pins its preset: its `preset = "auto"` reads LLMNB_PRESET
+    params = {} if commit else {"preset": preset, **(parameters or {})}
+    if commit and (aside := set_aside_outputs(list(PREPARED))):
+        print(f"llmnb run: the previous outputs/ (all but the prepared assets) moved to {aside}")
     results = [NotebookResult(p.stem) for p in notebooks]
     bar = tqdm(notebooks, desc=f"llmnb run ({preset})", unit="notebook")
     for i, path in enumerate(bar):
@@ -146,7 +138,45 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
         if results[i].status != "ok":
             break
     report = write_report(results, out_dir, preset, params)
+    if commit and all(r.status == "ok" for r in results):
+        for path in notebooks:
+            write_committed(out_dir / path.name, path)
+        write_readme_table(results, project_root() / "README.md")
     return results, report
+
+
+def write_committed(executed: Path, target: Path) -> None:
+    """An executed notebook written to `target` as it is committed: each cell's streams coalesced (a progress bar's
+    last state, not every update), no empty streams, no widget state, no papermill bookkeeping (local paths)."""
+    import nbformat
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    nb = nbformat.read(executed, as_version=4)
+    nb, _ = CoalesceStreamsPreprocessor(enabled=True).preprocess(nb, {})
+    nb.metadata.pop("widgets", None)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and not o.text.strip())]
+    nbformat.write(nb, target)
+
+
+def write_readme_table(results: list[NotebookResult], readme: Path) -> None:
+    """The committed run's table (wall time, peak memory of the process tree, disk written) between the README's
+    markers, so that the README's claim about how the notebooks were made is the output of the command that made them."""
+    text = readme.read_text(encoding="utf-8")
+    begin, end = README_TABLE
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme} has no {begin} ... {end} markers for the run's table")
+    rows = [f"Regenerated by `make notebooks` on {time.strftime('%Y-%m-%d')}, in order, from a clean `outputs/`:", "",
+            "| notebook | wall time (min) | peak memory, kernel and its subprocesses (GB) | disk written (GB) |", "|---|---:|---:|---:|"]
+    for r in results:
+        disk = next((m["value"] for m in r.records if m.get("name") == "cost: disk written (GB)"), float("nan"))
+        rows.append(f"| {r.name} | {r.seconds / 60:.1f} | {r.peak_memory_bytes / 1e9:.2f} | {disk:.2f} |")
+    rows.append(f"| all | {sum(r.seconds for r in results) / 60:.1f} | {max(r.peak_memory_bytes for r in results) / 1e9:.2f} | |")
+    head, tail = text.split(begin, 1)[0], text.split(end, 1)[1]
+    readme.write_text(head + begin + "\n" + "\n".join(rows) + "\n" + end + tail, encoding="utf-8")
 
 
 def check_parameters(notebooks: list[Path], preset: str, parameters: dict) -> None:

@@ -1,4 +1,5 @@
 """Every numbered notebook runs under papermill with the smoke preset, and the committed ones show a real run."""
+import re
 from pathlib import Path
 
 import nbformat
@@ -81,3 +82,116 @@ def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_inst
     where = subprocess.run([python, "-c", "import llmnb; print(llmnb.__file__)"], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(packages) and "__editable__" not in where, f"llmnb imported from {where}, not the installed wheel"
     assert (work / "outputs").is_dir(), "outputs land beside the notebook, not in the checkout"
+
+
+# --- the committed notebooks read cleanly: what a reader sees on GitHub or Colab is the run's final state ------------
+
+def _outputs(nb):
+    return [(i, o) for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs]
+
+
+def _bar_states(text: str) -> dict[str, tuple[int, int]]:
+    """The last state (n, total) of every tqdm bar in a stream's text, by its description."""
+    states = {}
+    for line in re.split(r"[\r\n]", text):
+        if m := re.match(r"\s*(.*?):\s+\d+%\|.*?\|\s*(\d+)/(\d+)", line):
+            states[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return states
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_shows_each_results_final_state_as_text(path):
+    nb = nbformat.read(path, as_version=4)
+    assert "widgets" not in nb.metadata, "widget state in the metadata (llmnb run --commit strips it)"
+    bars, problems = {}, []
+    for i, out in _outputs(nb):
+        if out.output_type in ("display_data", "execute_result"):
+            text = out.data.get("text/plain", "")
+            if "application/vnd.jupyter.widget-view+json" in out.data:
+                problems.append(f"cell {i}: a widget, whose saved text is its first state: {text[:60]!r}")
+            elif not text.strip() or re.fullmatch(r"<[\w.]+ (object )?at 0x[0-9a-f]+>", text.strip()):
+                problems.append(f"cell {i}: an output with no text form ({text[:60]!r}): llmnb.record.table for a Styler")
+        if out.output_type == "stream":
+            if not out.text.strip():
+                problems.append(f"cell {i}: an empty {out.name} stream")
+            bars.update({(i, d): s for d, s in _bar_states(out.text).items()})
+    problems += [f"cell {i}: the bar {d!r} stops at {n}/{total}" for (i, d), (n, total) in bars.items() if n != total]
+    assert not problems, "\n".join(problems)
+
+
+def test_bar_states_read_the_last_state_of_each_bar():
+    text = "SmolLM2: 100%|██| 9/9 [01:58<00:00]\nours:  44%|████▍     | 4/9 [00:02<00:03]\rours: 100%|█| 9/9 [00:05<00:00]\nPPO:   1%|  | 7/1000 [01:24<3:19:18]"
+    assert _bar_states(text) == {"SmolLM2": (9, 9), "ours": (9, 9), "PPO": (7, 1000)}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_opens_with_a_colab_badge_and_its_neighbours(path):
+    import tomllib
+
+    from llmnb.paths import project_root
+
+    repo = tomllib.loads((project_root() / "pyproject.toml").read_text())["project"]["urls"]["Source"].removeprefix("https://github.com/")
+    header = nbformat.read(path, as_version=4).cells[0].source
+    assert f"](https://colab.research.google.com/github/{repo}/blob/main/notebooks/{path.name})" in header, "the Colab badge"
+    k = NOTEBOOKS.index(path)
+    for word, neighbour in (("previous", k - 1), ("next", k + 1)):
+        if 0 <= neighbour < len(NOTEBOOKS):
+            assert f"{word}: [{NOTEBOOKS[neighbour].stem}]({NOTEBOOKS[neighbour].name})" in header, f"a link to the {word} notebook"
+
+
+# Notebooks whose closing "What this tells you" is still to be written from their run (issue 28): strict, so that
+# writing one makes this list fail until the entry is removed.
+NO_CONCLUSION_YET = {"04_lora_fine_tuning.ipynb", "05_alignment_rlhf.ipynb", "06_quantization_gguf.ipynb", "07_serving.ipynb"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 28"))
+                                  if p.name in NO_CONCLUSION_YET else p for p in NOTEBOOKS], ids=lambda p: p.name)
+def test_committed_notebook_closes_with_what_it_tells_and_what_it_cost(path):
+    nb = nbformat.read(path, as_version=4)
+    headings = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.startswith("#")]
+    assert any(re.match(r"##+ (\d+ · )?What this tells you", h) for h in headings), "a closing 'What this tells you'"
+    costs = [o for c in nb.cells if c.cell_type == "code" and "cost(started" in c.source for o in c.outputs]
+    assert any("wall time (s)" in str(o.get("data", {}).get("text/plain", "")) for o in costs), "a 'what this cost' table from llmnb.record.cost"
+
+
+def _shown_text(nb) -> str:
+    parts = [c.source for c in nb.cells if c.cell_type == "code"]
+    for _, out in _outputs(nb):
+        parts.append(str(out.get("text", "")))
+        parts += [str(v) for k, v in out.get("data", {}).items() if k.startswith("text/")]
+    return "\n".join(parts)
+
+
+FIGURE = re.compile(r"(?<![\w.,/-])(\d[\d,]*\.\d+|\d{3,}(?:,\d{3})*)(?![\w.-]?\d)")
+NOT_RESULTS = {"503"}  # the HTTP status a loading server answers
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_figure_in_the_prose_is_typed_by_hand(path):
+    """Best effort: a number of 3+ significant digits in a markdown cell (links, code spans and years aside) must
+    appear in the notebook's code or outputs, where the run produced it; prose that states a result renders it."""
+    nb = nbformat.read(path, as_version=4)
+    shown = _shown_text(nb)
+    typed = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        prose = re.sub(r"`[^`]*`|\]\([^)]*\)|\b\d+\.\d+\.\d+\.\d+\b", " ", cell.source)  # code, link targets, addresses
+        for m in FIGURE.finditer(prose):
+            figure = m.group(1)
+            digits = figure.replace(",", "").replace(".", "").lstrip("0")
+            if len(digits) < 3 or re.fullmatch(r"(19|20)\d\d", figure) or figure in NOT_RESULTS:
+                continue
+            if figure not in shown and figure.replace(",", "") not in shown:
+                typed.append(f"cell {i}: {figure} in '…{prose[max(0, m.start() - 50):m.end() + 20]}…'")
+    assert not typed, "\n".join(typed)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papers_are_cited_as_links_and_no_unexplained_words(path):
+    nb = nbformat.read(path, as_version=4)
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    unlinked = [m.group(0) for m in re.finditer(r"[\w-]+ et al\.?,? \(?\d{4}\)?(?!\]\(http)(?![^\[\]]*\]\(http)", prose)]
+    assert not unlinked, f"papers cited without a link: {unlinked}"
+    assert "arXiv:" not in prose, "an arXiv number as plain text: link it"
+    assert not re.search(r"\bseeds\b", prose + _shown_text(nb)), "'seeds' (our word for the guides users came with) means nothing to a reader"

@@ -83,3 +83,49 @@ def test_a_parameter_of_the_wrong_type_names_the_expected_type():
         runner.check_parameters(runner.find_notebooks(["00"]), "smoke", {"matmul_size": "abc"})
     runner.check_parameters(runner.find_notebooks(["00"]), "smoke", {"matmul_size": 256})
     assert notebooks_dir().name == "notebooks"
+
+
+@pytest.fixture
+def committable(tmp_path, monkeypatch):
+    """A checkout of two notebooks that run, a README with the table's markers, and an outputs/ from an earlier run."""
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    (tmp_path / "notebooks").mkdir()
+    _notebook(tmp_path / "notebooks" / "00_bars.ipynb", 'preset = "auto"',
+              "from tqdm.auto import tqdm\nfor _ in tqdm(range(300), desc='counting', mininterval=0): pass\nprint('')",
+              "import llmnb\nfrom llmnb.presets import resolve_preset\nllmnb.record('cost: disk written (GB)', 0.5)\nprint('preset', resolve_preset(preset))")
+    _notebook(tmp_path / "notebooks" / "01_two.ipynb", 'preset = "auto"', "print(2)")
+    (tmp_path / "README.md").write_text("# x\n\nbefore\n<!-- llmnb run --commit: begin -->\nold table\n<!-- llmnb run --commit: end -->\nafter\n")
+    for stale in ("gguf/old.gguf", "models/smollm2-sft/model.safetensors", "models/smollm2-135m-instruct/config.json", "cache/tiktoken/a"):
+        (tmp_path / "outputs" / stale).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "outputs" / stale).write_text("x")
+    return tmp_path
+
+
+def test_commit_regenerates_the_committed_notebooks_from_a_clean_outputs(committable):
+    assert main(["run", "--preset", "cpu", "--commit"]) == 0
+    nb = nbformat.read(committable / "notebooks" / "00_bars.ipynb", as_version=4)
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), "no cell pinning the preset"
+    assert "widgets" not in nb.metadata and "papermill" not in nb.metadata and not any("papermill" in c.metadata for c in nb.cells)
+    streams = [o for o in nb.cells[1].outputs if o.output_type == "stream"]
+    assert all(o.text.strip() for o in streams), "no empty stream"
+    bar = next(o.text for o in streams if "counting" in o.text)
+    assert "widget" not in str(nb.cells[1].outputs) and bar.strip().startswith("counting: 100%") and "\r" not in bar, \
+        "tqdm.auto drew a text bar, coalesced to its last state"
+    assert "preset cpu" in nb.cells[2].outputs[0].text
+    readme = (committable / "README.md").read_text()
+    assert "old table" not in readme and "| 00_bars |" in readme and "| 0.50 |" in readme and readme.endswith("end -->\nafter\n")
+    kept = committable / "outputs"
+    assert (kept / "models/smollm2-135m-instruct/config.json").exists() and (kept / "cache/tiktoken/a").exists()
+    assert not (kept / "gguf").exists() and not (kept / "models/smollm2-sft").exists()
+    (aside,) = (kept / "previous").iterdir()
+    assert (aside / "gguf/old.gguf").read_text() == "x" and (aside / "models/smollm2-sft/model.safetensors").exists(), "moved, not deleted"
+
+
+def test_commit_is_refused_for_a_partial_run_and_writes_nothing_when_a_notebook_fails(committable, capsys):
+    before = (committable / "notebooks" / "01_two.ipynb").read_bytes()
+    assert main(["run", "--preset", "smoke", "--commit"]) == 2 and "use --preset cpu" in capsys.readouterr().err
+    assert main(["run", "--preset", "cpu", "--only", "01", "--commit"]) == 2
+    _notebook(committable / "notebooks" / "02_fails.ipynb", 'preset = "auto"', "raise ValueError('broken')")
+    assert main(["run", "--preset", "cpu", "--commit"]) == 1
+    assert (committable / "notebooks" / "01_two.ipynb").read_bytes() == before, "a failed run writes no notebook back"
+    assert "old table" in (committable / "README.md").read_text()
