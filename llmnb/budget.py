@@ -205,7 +205,7 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
     tokens = setup.batch * setup.seq_len
     n = shape.n_params
     if setup.method == "inference":
-        weight_bytes = _quantized_weight_bytes(shape, setup.inference_dtype)
+        weight_bytes = served_weight_bytes(shape, setup.inference_dtype)
         kv = tokens * shape.kv_cache_bytes_per_token(setup.kv_dtype)
         logits = setup.batch * shape.vocab_size * 4.0  # one position's logits, fp32
         return MemoryEstimate(weight_bytes, 0.0, 0.0, logits, kv, 0)
@@ -228,8 +228,16 @@ def estimate_memory(shape: ModelShape, setup: Setup) -> MemoryEstimate:
     return MemoryEstimate(weights, trainable * g_b, trainable * o_b, activations, 0.0, trainable)
 
 
+def served_weight_bytes(shape: ModelShape, dtype: str) -> float:
+    """The weights a server holds at `dtype`, and the file they come in: one answer for disk and serving memory
+    everywhere (notebooks 00 and 06, `storage_table`, `checkpoint_bytes`): the GGUF file that llama.cpp loads as is
+    (`gguf_file_bytes`, checked against the files and llama.cpp's memory in notebook 06). fp16 is bf16's size."""
+    return gguf_file_bytes(shape, "bf16" if dtype == "fp16" else dtype)
+
+
 def _quantized_weight_bytes(shape: ModelShape, dtype: str) -> float:
-    """Weights at `dtype`: int8/int4 compress the blocks' matrices only; embeddings, head and norms stay bf16."""
+    """A frozen base being trained at `dtype` (LoRA's bf16 or fp32, QLoRA's 4-bit): int4 compresses the blocks'
+    matrices only (with bitsandbytes' scales); embeddings, head and norms stay bf16."""
     if dtype in ("fp32", "bf16", "fp16"):
         return shape.n_params * BYTES[dtype]
     quantized = shape.n_linear_params * (BYTES[dtype] + QUANT_OVERHEAD_BYTES[dtype])
@@ -254,21 +262,21 @@ def gguf_file_bytes(shape: ModelShape, dtype: str) -> float:
 
 
 def storage_table(shapes: list[ModelShape], context: int = 4096, dtypes: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")) -> list[dict]:
-    """Disk (the GGUF file) and memory to run (weights + a bf16 KV cache of `context` tokens) for each shape and dtype, in GB."""
+    """Disk (the GGUF file) and memory to run (`estimate_memory` for serving one request of `context` tokens: the
+    weights, a bf16 KV cache, one position's logits) for each shape and dtype, in GB."""
     rows = []
     for shape in shapes:
-        kv = context * shape.kv_cache_bytes_per_token("bf16")
         for dtype in dtypes:
-            disk = gguf_file_bytes(shape, dtype)
-            rows.append({"model": shape.name, "params (B)": shape.n_params / 1e9, "dtype": dtype, "disk GB": disk / 1e9,
-                         f"KV cache GB ({context} tokens)": kv / 1e9, "memory GB": (disk + kv) / 1e9})
+            memory = estimate_memory(shape, Setup(method="inference", batch=1, seq_len=context, inference_dtype=dtype))
+            rows.append({"model": shape.name, "params (B)": shape.n_params / 1e9, "dtype": dtype, "disk GB": served_weight_bytes(shape, dtype) / 1e9,
+                         f"KV cache GB ({context} tokens)": memory.kv_cache / 1e9, "memory GB": memory.total / 1e9})
     return rows
 
 
 def checkpoint_bytes(shape: ModelShape, setup: Setup) -> dict[str, float]:
     """Disk: the weights file, a resumable training checkpoint (adds optimizer state), a LoRA adapter."""
     w_b, _, o_b, _ = TRAIN_PRECISION[setup.precision]
-    weights_file = _quantized_weight_bytes(shape, setup.inference_dtype)
+    weights_file = served_weight_bytes(shape, setup.inference_dtype)
     if setup.method in ("lora", "qlora"):
         trainable = shape.lora_params(setup.lora_rank, setup.lora_targets)
         return {"weights_file": weights_file, "training_checkpoint": trainable * (w_b + o_b), "adapter": trainable * BYTES["bf16"]}
@@ -289,7 +297,12 @@ def training_flops(shape: ModelShape, setup: Setup, tokens: float) -> float:
     return forward * (factor + (1.0 if setup.gradient_checkpointing else 0.0))
 
 
-def training_seconds(flops: float, peak_flops: float, mfu: float = 0.4) -> float:
+# The utilisation assumed for a GPU the notebook is not running on (large models on A100s reach 35-50 % in published
+# runs); the machine a notebook runs on uses its measured figure instead (llmnb.measure.loop_utilisation).
+GPU_MFU = 0.4
+
+
+def training_seconds(flops: float, peak_flops: float, mfu: float = GPU_MFU) -> float:
     """Wall time at a model-FLOPs utilisation `mfu` of the hardware's peak."""
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import json
 import os
 import platform
 import random
@@ -11,12 +12,15 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
 import numpy as np
 import psutil
 import torch
+
+from .paths import shared_outputs_dir, write_atomic
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "bitsandbytes", "accelerate")
 
@@ -205,14 +209,36 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def peak_flops(device: torch.device | str = "cpu") -> float:
-    """The FLOP/s that MFU is measured against: a GPU's datasheet peak, else a measured matmul."""
+def machine_fingerprint(device: torch.device | str = "cpu") -> str:
+    """What a measured speed depends on: the processor (or GPU), its cores, torch's version and the kernels it may use."""
+    device = torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_name()}, {os.cpu_count()} cores"
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "") + os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    return f"{where} | torch {torch.__version__}" + (f" | {capability}" if capability else "")
+
+
+def machine_figure(name: str, measure: Callable[[], float], device: torch.device | str = "cpu", remeasure: bool = False) -> float:
+    """A figure of this machine that several notebooks use (its matmul peak, our loop's utilisation), measured once and
+    kept in `outputs/cache/machine.json` under the machine's fingerprint, so that every notebook answers with the same
+    one. `remeasure=True`, or LLMNB_REMEASURE=1 in the environment, measures it again."""
+    path = shared_outputs_dir("cache") / "machine.json"
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    mine = figures.setdefault(machine_fingerprint(device), {})
+    if remeasure or os.environ.get("LLMNB_REMEASURE") == "1" or name not in mine:
+        mine[name] = {"value": float(measure()), "measured": time.strftime("%Y-%m-%d %H:%M")}
+        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
+    return mine[name]["value"]
+
+
+def peak_flops(device: torch.device | str = "cpu", remeasure: bool = False) -> float:
+    """The FLOP/s that MFU and time estimates are measured against: a GPU's datasheet peak, else this machine's fp32
+    matmul, measured once (`machine_figure`)."""
     device = torch.device(device)
     if device.type == "cuda":
         found = gpu_peak_flops(torch.cuda.get_device_name(device))
         if found is not None:
             return found
-    return measure_matmul_flops(device, size=1024, seconds=0.5)
+    return machine_figure("matmul peak fp32 (FLOP/s)", lambda: measure_matmul_flops(device, size=1024, seconds=1.0), device, remeasure)
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:

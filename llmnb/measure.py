@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, replace
 
 import torch
 
-from .budget import ModelShape, Setup
-from .hardware import reset_peak_resident, resident_bytes
+from .budget import ModelShape, Setup, gpt2_shape, training_flops
+from .hardware import machine_figure, peak_flops, reset_peak_resident, resident_bytes
 from .hf_bridge import hf_config
 from .lora import attach
 from .model import GPT, GPTConfig
@@ -40,11 +42,13 @@ def _measure_main() -> None:
             attach(model, targets, r=setup.lora_rank, alpha=2 * setup.lora_rank)
         return model
 
-    def train(shape: ModelShape, steps: int, method: str) -> tuple[int, float]:
+    def train(shape: ModelShape, steps: int, method: str) -> tuple[int, float, list[float]]:
         model = build(shape, method).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         ids = torch.randint(0, shape.vocab_size, (setup.batch, setup.seq_len + 1), device=device)
+        seconds = []
         for _ in range(steps):
+            started = time.perf_counter()
             if method == "qlora":
                 loss = model(input_ids=ids, labels=ids).loss
             else:
@@ -52,7 +56,10 @@ def _measure_main() -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return sum(p.numel() for p in model.parameters()), float(loss)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - started)
+        return sum(p.numel() for p in model.parameters()), float(loss), seconds
 
     # Warm up on a minimal model of the same kind, so that the runtime's one-off costs
     # (kernel libraries paged in, thread pools) are not charged to the model.
@@ -63,9 +70,10 @@ def _measure_main() -> None:
     base, _ = resident_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    params, loss = train(shape, job["steps"], setup.method)
+    params, loss, seconds = train(shape, job["steps"], setup.method)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes()[1] - base
-    print(json.dumps({"peak_bytes": peak, "params": params, "loss": loss}))
+    # the first step also allocates the optimizer's state and picks kernels: the median of the others is the pace
+    print(json.dumps({"peak_bytes": peak, "params": params, "loss": loss, "step_seconds": statistics.median(seconds[1:] or seconds)}))
 
 
 def _qlora_model(config, rank: int, targets: list[str], device: str):
@@ -81,7 +89,8 @@ def _qlora_model(config, rank: int, targets: list[str], device: str):
 
 
 def measure_training_memory(shape: ModelShape, setup: Setup, steps: int = 3, device: str = "cpu") -> dict:
-    """Peak memory of `steps` fp32 AdamW steps with `shape`, in a fresh process, random weights.
+    """Peak memory of `steps` fp32 AdamW steps with `shape`, in a fresh process, random weights; also the seconds a
+    step took (the median after the first).
 
     Pretraining and full fine-tuning train every weight of llmnb's GPT; "lora" adds
     llmnb.lora adapters on `setup.lora_targets`; "qlora" is the usual stack: transformers,
@@ -96,3 +105,21 @@ def measure_training_memory(shape: ModelShape, setup: Setup, steps: int = 3, dev
     if result.returncode != 0:
         raise RuntimeError(f"the measurement process failed (exit {result.returncode}; out of memory?):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# The model our loop's utilisation is measured on: GPT-2's vocabulary and head, six 384-wide layers (30 M parameters),
+# 8 x 256 tokens a step, fp32. Large enough that its matmuls are not all overhead, small enough for seconds on 2 cores.
+UTILISATION_SHAPE = gpt2_shape("utilisation reference", n_layer=6, d_model=384, n_head=6, vocab_size=50257, context=256)
+UTILISATION_SETUP = Setup(method="pretrain", batch=8, seq_len=256, precision="fp32")
+
+
+def loop_utilisation(device: str = "cpu", remeasure: bool = False) -> float:
+    """The share of this machine's matmul peak (`hardware.peak_flops`) that a training step of llmnb's loop reaches, on
+    `UTILISATION_SHAPE`: the utilisation every time estimate for this machine uses (notebooks 00, 03, 04), measured
+    once per machine (`hardware.machine_figure`). Larger models use the machine better, so it errs long."""
+    def measure() -> float:
+        seconds = measure_training_memory(UTILISATION_SHAPE, UTILISATION_SETUP, steps=4, device=device)["step_seconds"]
+        tokens = UTILISATION_SETUP.batch * UTILISATION_SETUP.seq_len
+        return training_flops(UTILISATION_SHAPE, UTILISATION_SETUP, tokens) / (seconds * peak_flops(device))
+
+    return machine_figure("our training loop's utilisation of the matmul peak", measure, device, remeasure)

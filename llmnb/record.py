@@ -1,4 +1,4 @@
-"""Key results a notebook reports: `record(name, value, unit)`, `save_figure(fig, name)`, `table(styler)`, and what it
+"""Key results a notebook reports: `record(name, value, unit)`, `save_figure(fig, name)`, `styled(styler)`, and what it
 spent: `started = start_costs()` in its first cell, `cost(started, written)` in its last.
 
 Under `llmnb run` each notebook's records go to the JSONL file named by
@@ -22,13 +22,18 @@ from .hardware import resident_bytes
 from .paths import outputs_dir
 
 
-def record(name: str, value: Any, unit: str = "") -> Any:
-    """Keep a key metric for the run report; returns `value` so it can be used inline."""
+def record(name: str, value: Any, unit: str = "", tolerance: float | None = None) -> Any:
+    """Keep a key metric for the run report; returns `value` so it can be used inline.
+
+    `tolerance`: how far (relative) a run on another machine may land from the committed reference run's value and still
+    be normal; the run report flags a value outside it (None: the report's default for its unit)."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"record({name!r}) got {value}: a metric must be a finite number")
+    if tolerance is not None and not tolerance > 0:
+        raise ValueError(f"record({name!r}) got tolerance={tolerance}: a relative tolerance is a positive number")
     if path := os.environ.get("LLMNB_RECORD_FILE"):
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": "metric", "name": name, "value": value, "unit": unit}) + "\n")
+            f.write(json.dumps({"kind": "metric", "name": name, "value": value, "unit": unit, "tolerance": tolerance}) + "\n")
     return value
 
 
@@ -115,7 +120,7 @@ def cost(started: Started, written: list[str | Path]) -> dict[str, float]:
     return spent
 
 
-class table:  # noqa: N801 - used like a function: `table(df.style.format(...))` as a cell's last line
+class styled:  # noqa: N801 - used like a function: `styled(df.style.format(...))` as a cell's last line
     """A pandas Styler shown as its HTML in Jupyter and as formatted text everywhere else (a saved notebook's text
     form, GitHub's diff, a terminal): a bare Styler's text form is only `<Styler at 0x...>`."""
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from . import data, sft
 from .data import Document
@@ -312,7 +311,7 @@ class LlmnbLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
         out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in tqdm(range(0, len(order), self.batch_size), desc="log-likelihoods", disable=disable_tqdm, leave=False):
+        for start in range(0, len(order), self.batch_size):  # no bar of its own: a bar per task and model buries notebook 08's one bar
             chunk = order[start:start + self.batch_size]
             rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):] for i in chunk]
             ids, mask = data.pad_rows([r[:-1] for r in rows], self.pad)
@@ -337,7 +336,7 @@ class LlmnbLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out: list[str | None] = [None] * len(requests)
-        for start in tqdm(range(0, len(requests), self.batch_size), desc="generating", disable=disable_tqdm, leave=False):
+        for start in range(0, len(requests), self.batch_size):
             chunk = requests[start:start + self.batch_size]
             kwargs = chunk[0].args[1]
             if any(r.args[1] != kwargs for r in chunk):

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their last state (a widget keeps its first)
 
 from .assets import PREPARED
+from .hardware import machine_fingerprint, machine_info
 from .paths import notebooks_dir, outputs_dir, project_root, set_aside_outputs
 from .presets import PRESETS, configure, resolve_preset
 from .record import TreeMemory, read_records
@@ -33,6 +34,9 @@ COMMITTED_PRESET = "cpu"  # the committed notebooks are this preset's run
 TEXT_BARS = ("import tqdm.auto, tqdm.autonotebook, tqdm.std; tqdm.autonotebook.tqdm = tqdm.auto.tqdm = tqdm.std.tqdm; "
              "tqdm.autonotebook.trange = tqdm.auto.trange = tqdm.std.trange")
 README_TABLE = ("<!-- llmnb run --commit: begin -->", "<!-- llmnb run --commit: end -->")
+REFERENCE_FILE = "reference_run.json"  # in notebooks/: the committed run's key figures, and where and with what they were made
+DEFAULT_TOLERANCE = 0.25  # relative, for a figure recorded without its own
+MACHINE_UNITS = {"s", "ms", "s/step", "tok/s", "tokens/s", "GFLOP/s", "GB", "MB"}  # figures that move with the processor
 
 
 @dataclass
@@ -142,6 +146,7 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
         for path in notebooks:
             write_committed(out_dir / path.name, path)
         write_readme_table(results, project_root() / "README.md")
+        write_reference(results, notebooks_dir() / REFERENCE_FILE, preset)
     return results, report
 
 
@@ -193,6 +198,66 @@ def check_parameters(notebooks: list[Path], preset: str, parameters: dict) -> No
         configure(path.name[:2], preset, **{k: v for k, v in parameters.items() if k in typed and k in known[path.stem]})  # raises for a wrong type
 
 
+def run_context(preset: str) -> dict:
+    """What a figure depends on besides the code: the preset, the processor, the libraries' versions."""
+    return {"preset": preset, "machine": machine_fingerprint("cpu"), "libraries": machine_info().libraries}
+
+
+def write_reference(results: list[NotebookResult], path: Path, preset: str) -> None:
+    """The committed run's numeric figures, their units and tolerances, with `run_context`: what a user's run is compared with."""
+    metrics = {r.name: {m["name"]: {k: m.get(k) for k in ("value", "unit", "tolerance")} for m in r.records
+                        if m.get("kind") == "metric" and _numeric(m["value"])} for r in results}
+    path.write_text(json.dumps({**run_context(preset), "written": time.strftime("%Y-%m-%d"), "metrics": metrics}, indent=1) + "\n")
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_reference(preset: str) -> dict | None:
+    """The committed reference run, if there is one for `preset`."""
+    path = notebooks_dir() / REFERENCE_FILE
+    reference = json.loads(path.read_text()) if path.exists() else None
+    return reference if reference and reference.get("preset") == preset else None
+
+
+def judged(metric: dict, reference: dict | None) -> str:
+    """"normal", or how far `metric` lies from the reference run's figure of the same name ("" when there is none)."""
+    if not reference or not _numeric(metric["value"]):
+        return ""
+    tolerance, gap = reference.get("tolerance") or DEFAULT_TOLERANCE, metric["value"] - reference["value"]
+    relative = gap / abs(reference["value"]) if reference["value"] else gap  # a zero reference: the gap itself
+    return "normal" if abs(relative) <= tolerance else f"{relative:+.0%} (outside ±{tolerance:.0%})"
+
+
+def what_differs(context: dict, reference: dict) -> list[str]:
+    """What usually moves a figure, where this run differs from the reference run: preset, processor, library versions."""
+    differs = [f"{key}: {reference[key]} there, {context[key]} here" for key in ("preset", "machine") if reference.get(key) != context[key]]
+    libraries = [f"{name} {version} there, {context['libraries'].get(name)} here" for name, version in reference.get("libraries", {}).items()
+                 if context["libraries"].get(name) != version]
+    return differs + libraries
+
+
+def normal_section(results: list[NotebookResult], reference: dict, context: dict) -> list[str]:
+    """The report's answer to "is my number normal?": how many figures land within tolerance of the reference run, the
+    ones that do not, and what differs between the two runs that usually explains it."""
+    verdicts = [(r.name, m, judged(m, reference["metrics"].get(r.name, {}).get(m["name"]))) for r in results for m in r.records if m.get("kind") == "metric"]
+    compared = [v for v in verdicts if v[2]]
+    outside = [v for v in compared if v[2] != "normal"]
+    rows = ["## Is my number normal?", "", f"{len(compared) - len(outside)} of {len(compared)} figures lie within their tolerance of the committed "
+            f"reference run ({reference.get('written', '?')}, {reference['machine']})."]
+    if outside:
+        rows += ["", "| notebook | figure | here | reference | |", "|---|---|---:|---:|---|"]
+        rows += [f"| {nb} | {m['name']} | {_fmt_value(m['value'])} {m['unit']} | {_fmt_value(reference['metrics'][nb][m['name']]['value'])} | {verdict} |"
+                 for nb, m, verdict in outside]
+        differs = what_differs(context, reference)
+        machine_only = all(m["unit"] in MACHINE_UNITS for _, m, _ in outside)
+        rows += ["", "What differs from the reference run: " + ("; ".join(differs) if differs else
+                 "nothing it records (same preset, processor and libraries): a change in the code or data, or noise (each notebook states its interval)")
+                 + (". All of these are times, speeds or memory: another processor, or another load on this one, moves them." if machine_only else ".")]
+    return rows
+
+
 def _fmt_value(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -206,6 +271,9 @@ def write_report(results: list[NotebookResult], out_dir: Path, preset: str, para
     for r in results:
         link = f"[{r.name}]({r.name}.ipynb)" if r.status != "not run" else r.name
         rows.append(f"| {link} | {r.status} | {r.seconds:.1f} | {r.peak_memory_bytes / 1e6:.0f} |")
+    reference = read_reference(preset)
+    if reference:
+        rows += [""] + normal_section(results, reference, run_context(preset))
     for r in results:
         if r.error:
             rows += ["", f"**{r.name} failed** at {r.error}"]
@@ -214,8 +282,10 @@ def write_report(results: list[NotebookResult], out_dir: Path, preset: str, para
         if metrics or figures:
             rows += ["", f"## {r.name}", ""]
         if metrics:
-            rows += ["| metric | value | unit |", "|---|---:|---|"]
-            rows += [f"| {m['name']} | {_fmt_value(m['value'])} | {m['unit']} |" for m in metrics]
+            theirs = (reference or {}).get("metrics", {}).get(r.name, {})
+            rows += ["| metric | value | unit | reference run | |", "|---|---:|---|---:|---|"]
+            rows += [f"| {m['name']} | {_fmt_value(m['value'])} | {m['unit']} | {_fmt_value(theirs[m['name']]['value']) if m['name'] in theirs else ''} "
+                     f"| {judged(m, theirs.get(m['name']))} |" for m in metrics]
         for fig in figures:
             rows += ["", f"![{fig['name']}]({os.path.relpath(fig['path'], out_dir)})"]
     report = out_dir / "report.md"

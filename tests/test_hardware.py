@@ -81,3 +81,38 @@ def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     assert (hardware.world_size(), hardware.rank()) == (1, 0)
+
+
+def test_a_machine_figure_is_measured_once_per_machine_and_again_on_request(tmp_path, monkeypatch):
+    from llmnb import hardware
+
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    monkeypatch.delenv("LLMNB_REMEASURE", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    calls = []
+    def measure():
+        calls.append(1)
+        return 10.0 * len(calls)
+    assert hardware.machine_figure("speed", measure) == 10.0
+    assert hardware.machine_figure("speed", measure) == 10.0 and len(calls) == 1, "the second notebook reads the first's figure"
+    assert hardware.machine_figure("speed", measure, remeasure=True) == 20.0
+    monkeypatch.setenv("LLMNB_REMEASURE", "1")
+    assert hardware.machine_figure("speed", measure) == 30.0
+    monkeypatch.delenv("LLMNB_REMEASURE")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # other kernels: another machine as far as speed goes
+    assert hardware.machine_figure("speed", measure) == 40.0
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert hardware.machine_figure("speed", measure) == 30.0
+    assert "speed" in (tmp_path / "outputs" / "cache" / "machine.json").read_text()
+
+
+def test_loop_utilisation_is_the_reference_steps_flops_over_its_time_at_the_peak(tmp_path, monkeypatch):
+    from llmnb import budget, measure
+
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    monkeypatch.delenv("LLMNB_REMEASURE", raising=False)
+    monkeypatch.setattr(measure, "measure_training_memory", lambda shape, setup, steps, device: {"step_seconds": 10.0})
+    monkeypatch.setattr(measure, "peak_flops", lambda device: 1e11)
+    tokens = measure.UTILISATION_SETUP.batch * measure.UTILISATION_SETUP.seq_len
+    expected = budget.training_flops(measure.UTILISATION_SHAPE, measure.UTILISATION_SETUP, tokens) / (10.0 * 1e11)
+    assert measure.loop_utilisation() == pytest.approx(expected) and 0 < expected < 1

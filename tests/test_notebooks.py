@@ -110,7 +110,7 @@ def test_committed_notebook_shows_each_results_final_state_as_text(path):
             if "application/vnd.jupyter.widget-view+json" in out.data:
                 problems.append(f"cell {i}: a widget, whose saved text is its first state: {text[:60]!r}")
             elif not text.strip() or re.fullmatch(r"<[\w.]+ (object )?at 0x[0-9a-f]+>", text.strip()):
-                problems.append(f"cell {i}: an output with no text form ({text[:60]!r}): llmnb.record.table for a Styler")
+                problems.append(f"cell {i}: an output with no text form ({text[:60]!r}): llmnb.record.styled for a Styler")
         if out.output_type == "stream":
             if not out.text.strip():
                 problems.append(f"cell {i}: an empty {out.name} stream")
@@ -139,13 +139,7 @@ def test_committed_notebook_opens_with_a_colab_badge_and_its_neighbours(path):
             assert f"{word}: [{NOTEBOOKS[neighbour].stem}]({NOTEBOOKS[neighbour].name})" in header, f"a link to the {word} notebook"
 
 
-# Notebooks whose closing "What this tells you" is still to be written from their run (issue 28): strict, so that
-# writing one makes this list fail until the entry is removed.
-NO_CONCLUSION_YET = {"04_lora_fine_tuning.ipynb", "05_alignment_rlhf.ipynb", "06_quantization_gguf.ipynb", "07_serving.ipynb"}
-
-
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="issue 28"))
-                                  if p.name in NO_CONCLUSION_YET else p for p in NOTEBOOKS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_notebook_closes_with_what_it_tells_and_what_it_cost(path):
     nb = nbformat.read(path, as_version=4)
     headings = [line for c in nb.cells if c.cell_type == "markdown" for line in c.source.splitlines() if line.startswith("#")]
@@ -195,3 +189,12 @@ def test_papers_are_cited_as_links_and_no_unexplained_words(path):
     assert not unlinked, f"papers cited without a link: {unlinked}"
     assert "arXiv:" not in prose, "an arXiv number as plain text: link it"
     assert not re.search(r"\bseeds\b", prose + _shown_text(nb)), "'seeds' (our word for the guides users came with) means nothing to a reader"
+
+
+def test_every_time_estimate_uses_the_machines_shared_figures():
+    """One matmul peak and one utilisation per machine (hardware.peak_flops, measure.loop_utilisation) and one assumed
+    GPU utilisation (budget.GPU_MFU): no notebook measures its own peak for an estimate or types a utilisation."""
+    for path in NOTEBOOKS:
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert not re.search(r"mfu\s*=\s*0\.\d|\*\s*0\.4\b", code), f"{path.name}: a typed utilisation; use measure.loop_utilisation or budget.GPU_MFU"
+        assert "measure_matmul_flops(" not in code, f"{path.name}: a peak of its own; use hardware.peak_flops (measured once per machine)"

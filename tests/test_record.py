@@ -18,7 +18,7 @@ def test_records_and_figures_go_to_the_runner_files(tmp_path, monkeypatch):
     path = save_figure(fig, "curve")
     assert path.exists() and path.suffix == ".png"
     records = read_records(tmp_path / "r.jsonl")
-    assert records[0] == {"kind": "metric", "name": "loss", "value": 1.5, "unit": "nats"}
+    assert records[0] == {"kind": "metric", "name": "loss", "value": 1.5, "unit": "nats", "tolerance": None}
     assert records[1]["kind"] == "figure" and records[1]["path"] == str(path)
 
 
@@ -27,6 +27,8 @@ def test_record_without_runner_is_harmless_and_rejects_nan(monkeypatch):
     assert record("x", 3) == 3
     with pytest.raises(ValueError, match="finite"):
         record("x", math.nan)
+    with pytest.raises(ValueError, match="tolerance"):
+        record("x", 1.0, tolerance=0)
     assert read_records("/nonexistent/file.jsonl") == []
 
 
@@ -62,11 +64,11 @@ def test_tree_memory_counts_a_subprocess_the_kernels_own_peak_does_not():
     assert tree.stop() - before > 0.25e9
 
 
-def test_table_has_a_text_form_with_the_stylers_formatting():
+def test_styled_has_a_text_form_with_the_stylers_formatting():
     import pandas as pd
 
-    from llmnb.record import table
+    from llmnb.record import styled
 
-    shown = table(pd.DataFrame({"error": [0.123456, 2.0], "scheme": ["int4", "fp32"]}, index=["a", "b"]).style.format("{:.2f}", subset=["error"]))
+    shown = styled(pd.DataFrame({"error": [0.123456, 2.0], "scheme": ["int4", "fp32"]}, index=["a", "b"]).style.format("{:.2f}", subset=["error"]))
     assert repr(shown).splitlines() == ["   error  scheme", "a   0.12    int4", "b   2.00    fp32"]
     assert "<table" in shown._repr_html_() and "0.12" in shown._repr_html_()

@@ -114,6 +114,8 @@ def test_commit_regenerates_the_committed_notebooks_from_a_clean_outputs(committ
     assert "preset cpu" in nb.cells[2].outputs[0].text
     readme = (committable / "README.md").read_text()
     assert "old table" not in readme and "| 00_bars |" in readme and "| 0.50 |" in readme and readme.endswith("end -->\nafter\n")
+    reference = json.loads((committable / "notebooks" / runner.REFERENCE_FILE).read_text())
+    assert reference["preset"] == "cpu" and reference["metrics"]["00_bars"]["cost: disk written (GB)"]["value"] == 0.5
     kept = committable / "outputs"
     assert (kept / "models/smollm2-135m-instruct/config.json").exists() and (kept / "cache/tiktoken/a").exists()
     assert not (kept / "gguf").exists() and not (kept / "models/smollm2-sft").exists()
@@ -129,3 +131,24 @@ def test_commit_is_refused_for_a_partial_run_and_writes_nothing_when_a_notebook_
     assert main(["run", "--preset", "cpu", "--commit"]) == 1
     assert (committable / "notebooks" / "01_two.ipynb").read_bytes() == before, "a failed run writes no notebook back"
     assert "old table" in (committable / "README.md").read_text()
+
+
+def test_the_report_says_which_figures_are_normal_against_the_committed_reference_run(home):
+    """A reference run with steps_seen 3 on another processor and torch: 3 is normal, 5 is flagged, and the report names
+    what differs (the processor, the library) as what usually moves a figure."""
+    context = runner.run_context("smoke")
+    reference = {**context, "machine": "Some Other CPU, 64 cores | torch 0.0", "libraries": {**context["libraries"], "torch": "0.0"},
+                 "written": "2026-01-01", "metrics": {"00_ok": {"steps_seen": {"value": 3, "unit": "steps", "tolerance": 0.1}}}}
+    (home / "notebooks" / runner.REFERENCE_FILE).write_text(json.dumps(reference))
+    out = home / "outputs" / "smoke" / "runs" / "smoke"
+    assert main(["run", "--preset", "smoke", "--only", "00", "-p", "steps", "3"]) == 0
+    report = (out / "report.md").read_text()
+    assert "1 of 1 figures lie within their tolerance" in report and "| steps_seen | 3 | steps | 3 | normal |" in report
+    assert main(["run", "--preset", "smoke", "--only", "00", "-p", "steps", "5"]) == 0
+    report = (out / "report.md").read_text()
+    assert "0 of 1 figures" in report and "+67% (outside ±10%)" in report
+    assert "machine: Some Other CPU, 64 cores | torch 0.0 there" in report and "torch 0.0 there" in report
+    reference["preset"] = "cpu"  # a reference of another preset is not compared with
+    (home / "notebooks" / runner.REFERENCE_FILE).write_text(json.dumps(reference))
+    assert main(["run", "--preset", "smoke", "--only", "00", "-p", "steps", "5"]) == 0
+    assert "Is my number normal" not in (out / "report.md").read_text()

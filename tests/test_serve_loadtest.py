@@ -1,5 +1,9 @@
-"""The load-test summary: throughput over the window, percentiles over what was answered, cut requests apart from failures."""
+"""The load test: throughput over the window, percentiles over what was answered, cut requests apart from failures, and a
+closed loop that finishes what is in flight."""
 import math
+import time
+
+import pytest
 
 from llmnb.serve.loadtest import CUT, Result, summarize
 
@@ -17,3 +21,51 @@ def test_summary_counts_tokens_and_takes_percentiles_over_what_was_answered():
     # per token after the first event: 0.1, 0.2, 0.2 (cut: 0.4 s / 2), 0.25 (1.0 s over the 4 tokens after a 5-token event)
     assert math.isclose(row["TPOT p50 ms"], 200) and math.isclose(row["TPOT p99 ms"], 250)
     assert math.isclose(row["e2e p50 ms"], 1500) and math.isclose(row["e2e p99 ms"], 2100)
+
+
+@pytest.fixture
+def slow_server():
+    """An OpenAI-style streaming endpoint that sends 4 tokens 0.25 s apart: one request takes a second."""
+    import asyncio
+    import json
+    import socket
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        async def events():
+            for _ in range(4):
+                await asyncio.sleep(0.25)
+                chunk = {"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [{"token": "x"}]}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join()
+
+
+def test_a_window_shorter_than_a_request_still_finishes_one_per_client(slow_server):
+    """0.3 s against 1 s requests: with the default, each of 3 clients finishes its request (latencies to report) and the
+    window closes with them; hanging up at the deadline finishes none."""
+    from llmnb.serve.loadtest import closed_loop
+
+    row = closed_loop(slow_server, "m", 3, seconds=0.3, max_tokens=4)
+    assert row["requests done"] == 3 and row["e2e p50 ms"] >= 900 and row["output tok/s"] > 0
+    cut = closed_loop(slow_server, "m", 3, seconds=0.3, max_tokens=4, finish=False)
+    assert cut["requests done"] == 0 and cut["failed"] == 0

@@ -69,7 +69,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, max_token
     return result
 
 
-async def _closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers) -> tuple[list[Result], float]:
+async def _closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers, finish) -> tuple[list[Result], float]:
     deadline = time.perf_counter() + seconds
     results: list[Result] = []
 
@@ -77,6 +77,9 @@ async def _closed_loop(url, model, concurrency, seconds, max_tokens, prompt, hea
         while time.perf_counter() < deadline:
             result = Result(time.perf_counter())
             results.append(result)
+            if finish:  # no new request after the deadline; the one in flight runs to its end
+                await one_request(client, url, model, max_tokens, prompt, headers, result)
+                continue
             try:
                 await asyncio.wait_for(one_request(client, url, model, max_tokens, prompt, headers, result), deadline - result.started)
             except asyncio.TimeoutError:  # the client hangs up at the deadline: the server should free the slot
@@ -140,10 +143,14 @@ def summarize(results: list[Result], window: float, **labels) -> dict:
 
 
 def closed_loop(url: str, model: str, concurrency: int, seconds: float = 10, max_tokens: int = 32,
-                prompt: str = DEFAULT_PROMPT, api_key: str | None = None, **labels) -> dict:
-    """`concurrency` clients, each sending its next request when the last one is answered, for `seconds`."""
+                prompt: str = DEFAULT_PROMPT, api_key: str | None = None, finish: bool = True, **labels) -> dict:
+    """`concurrency` clients, each sending its next request when the last one is answered, for `seconds`.
+
+    `finish` (the default): the requests in flight at the deadline run to their end and the window closes with the last,
+    so every client finishes at least one request and a loaded point still has latencies to report (a window shorter
+    than one request would otherwise finish none). `finish=False`: the clients hang up at the deadline (`CUT`)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    results, window = _run(_closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers))
+    results, window = _run(_closed_loop(url, model, concurrency, seconds, max_tokens, prompt, headers, finish))
     return summarize(results, window, clients=concurrency, **labels)
 
 
