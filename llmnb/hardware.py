@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from .paths import shared_outputs_dir, write_atomic
+from .paths import outputs_dir, write_atomic
 
 LIBRARIES = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "bitsandbytes", "accelerate")
 
@@ -220,8 +220,8 @@ def machine_fingerprint(device: torch.device | str = "cpu") -> str:
 def machine_figure(name: str, measure: Callable[[], float], device: torch.device | str = "cpu", remeasure: bool = False) -> float:
     """A figure of this machine that several notebooks use (its matmul peak, our loop's utilisation), measured once and
     kept in `outputs/cache/machine.json` under the machine's fingerprint, so that every notebook answers with the same
-    one. `remeasure=True`, or LLMNB_REMEASURE=1 in the environment, measures it again."""
-    path = shared_outputs_dir("cache") / "machine.json"
+    one (a test run keeps its own, under outputs/smoke/). `remeasure=True`, or LLMNB_REMEASURE=1, measures it again."""
+    path = outputs_dir("cache") / "machine.json"
     figures = json.loads(path.read_text()) if path.exists() else {}
     mine = figures.setdefault(machine_fingerprint(device), {})
     if remeasure or os.environ.get("LLMNB_REMEASURE") == "1" or name not in mine:

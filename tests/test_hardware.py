@@ -103,7 +103,9 @@ def test_a_machine_figure_is_measured_once_per_machine_and_again_on_request(tmp_
     assert hardware.machine_figure("speed", measure) == 40.0
     monkeypatch.delenv("ATEN_CPU_CAPABILITY")
     assert hardware.machine_figure("speed", measure) == 30.0
-    assert "speed" in (tmp_path / "outputs" / "cache" / "machine.json").read_text()
+    from llmnb.paths import outputs_root
+
+    assert "speed" in (outputs_root() / "cache" / "machine.json").read_text(), "beside the preset's outputs (a test run: outputs/smoke/)"
 
 
 def test_loop_utilisation_is_the_reference_steps_flops_over_its_time_at_the_peak(tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ LOCAL_IMPORTS = {
     "torch.distributed": "only under torchrun",
     "papermill": "the notebooks extra: `llmnb run` only",
     "nbformat": "the notebooks extra: `llmnb run` only",
+    "nbconvert": "the notebooks extra: `llmnb run --commit` only (coalescing a notebook's streams)",
     "uvicorn": "the serve extra: `llmnb serve` only",
     "profanity_check": "the default safety filter's model, loaded in the filter's own process",
     "threadpoolctl": "pins the filter process's BLAS to one thread, in that process",
