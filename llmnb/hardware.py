@@ -241,6 +241,27 @@ def peak_flops(device: torch.device | str = "cpu", remeasure: bool = False) -> f
     return machine_figure("matmul peak fp32 (FLOP/s)", lambda: measure_matmul_flops(device, size=1024, seconds=1.0), device, remeasure)
 
 
+def memory_bandwidth(device: torch.device | str = "cpu", remeasure: bool = False) -> float:
+    """Bytes per second this machine reads from memory (`measure_read_bandwidth`), measured once (`machine_figure`):
+    what a decoding step at batch 1, which reads every weight once, is held to."""
+    return machine_figure("memory read bandwidth (B/s)", lambda: measure_read_bandwidth(device), device, remeasure)
+
+
+def measure_read_bandwidth(device: torch.device | str = "cpu", megabytes: int = 512, seconds: float = 1.0) -> float:
+    """Bytes per second of summing a tensor far larger than any cache: a read of every byte, and almost no arithmetic."""
+    device = torch.device(device)
+    a = torch.ones(megabytes * 2**20 // 4, device=device)
+    a.sum()  # warm-up: pages touched, threads started
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
+        a.sum()
+        sync()
+        runs += 1
+    return a.numel() * a.element_size() * runs / elapsed
+
+
 def measure_matmul_flops(device: torch.device | str = "cpu", size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
     """Achieved FLOP/s of a square matmul on `device`: this machine's practical peak."""
     device = torch.device(device)

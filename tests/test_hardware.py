@@ -118,3 +118,17 @@ def test_loop_utilisation_is_the_reference_steps_flops_over_its_time_at_the_peak
     tokens = measure.UTILISATION_SETUP.batch * measure.UTILISATION_SETUP.seq_len
     expected = budget.training_flops(measure.UTILISATION_SHAPE, measure.UTILISATION_SETUP, tokens) / (10.0 * 1e11)
     assert measure.loop_utilisation() == pytest.approx(expected) and 0 < expected < 1
+
+
+def test_read_bandwidth_counts_every_byte_of_each_pass(monkeypatch):
+    from llmnb import hardware
+
+    ticks = iter(i * 0.5 for i in range(100))   # every clock reading half a second later: 3 passes in 2 s
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(ticks))
+    assert hardware.measure_read_bandwidth(megabytes=8) == pytest.approx(8 * 2**20 * 3 / 2.0)
+
+
+def test_read_bandwidth_of_this_machine_is_plausible():
+    from llmnb import hardware
+
+    assert 1e8 < hardware.measure_read_bandwidth(megabytes=64, seconds=0.2) < 1e13, "between a floppy's and an HBM stack's"
