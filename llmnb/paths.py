@@ -24,6 +24,8 @@ def project_root() -> Path:
 
 
 SMOKE = "smoke"
+RUNS, SET_ASIDE = "runs", "previous"  # outputs/runs/<preset>/: run reports; outputs/previous/<time>/: what a --commit run moved aside
+PLACEHOLDER = ".gitkeep"  # the one file git tracks under outputs/
 
 
 class MissingPackage(RuntimeError):
@@ -63,11 +65,11 @@ def shared_outputs_dir(*parts: str) -> Path:
 
 def set_aside_outputs(keep: list[tuple[str, ...]]) -> Path | None:
     """Move everything under `outputs/` into `outputs/previous/<time>/`, except the `keep` paths (and the smoke
-    preset's folder, the runs' reports and earlier set-asides), so that a run starts from a clean `outputs/` without
+    preset's folder, the runs' reports, earlier set-asides and git's placeholder), so that a run starts from a clean `outputs/` without
     deleting anything. Returns the folder it moved things into, or None when there was nothing to move."""
     root = project_root() / "outputs"
-    kept = {Path(*k) for k in keep} | {Path(name) for name in (SMOKE, "runs", "previous")}
-    aside = root / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    kept = {Path(*k) for k in keep} | {Path(name) for name in (SMOKE, RUNS, SET_ASIDE, PLACEHOLDER)}
+    aside = root / SET_ASIDE / time.strftime("%Y%m%d-%H%M%S")
     moved = False
     for path in sorted(root.rglob("*")) if root.is_dir() else []:
         relative = path.relative_to(root)

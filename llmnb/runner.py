@@ -24,7 +24,7 @@ from tqdm import tqdm  # text bars: a notebook saved by a batch run keeps their 
 
 from .assets import PREPARED
 from .hardware import machine_fingerprint, machine_info
-from .paths import notebooks_dir, outputs_dir, project_root, set_aside_outputs
+from .paths import RUNS, notebooks_dir, outputs_dir, project_root, set_aside_outputs
 from .presets import PRESETS, configure, resolve_preset
 from .record import TreeMemory, read_records
 
@@ -126,7 +126,7 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
         raise ValueError(f"--commit regenerates the committed notebooks, which are one run of every notebook at the "
                          f"{COMMITTED_PRESET} preset with its own values: use --preset {COMMITTED_PRESET}, without --only or -p")
     os.environ["LLMNB_PRESET"] = preset  # the kernels inherit it: a smoke run writes under outputs/smoke/ (paths.outputs_dir)
-    out_dir = Path(out) if out else outputs_dir("runs", preset)
+    out_dir = Path(out) if out else outputs_dir(RUNS, preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     notebooks = find_notebooks(only)
     check_parameters(notebooks, preset, parameters or {})

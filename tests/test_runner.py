@@ -98,6 +98,7 @@ def committable(tmp_path, monkeypatch):
     for stale in ("gguf/old.gguf", "models/smollm2-sft/model.safetensors", "models/smollm2-135m-instruct/config.json", "cache/tiktoken/a"):
         (tmp_path / "outputs" / stale).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "outputs" / stale).write_text("x")
+    (tmp_path / "outputs" / ".gitkeep").write_text("")   # tracked by git: a clean outputs/ still has it
     return tmp_path
 
 
@@ -119,6 +120,7 @@ def test_commit_regenerates_the_committed_notebooks_from_a_clean_outputs(committ
     kept = committable / "outputs"
     assert (kept / "models/smollm2-135m-instruct/config.json").exists() and (kept / "cache/tiktoken/a").exists()
     assert not (kept / "gguf").exists() and not (kept / "models/smollm2-sft").exists()
+    assert (kept / ".gitkeep").exists(), "git's placeholder stays: moving it would delete a tracked file"
     (aside,) = (kept / "previous").iterdir()
     assert (aside / "gguf/old.gguf").read_text() == "x" and (aside / "models/smollm2-sft/model.safetensors").exists(), "moved, not deleted"
 
