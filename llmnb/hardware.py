@@ -251,14 +251,7 @@ def measure_read_bandwidth(device: torch.device | str = "cpu", megabytes: int = 
     """Bytes per second of summing a tensor far larger than any cache: a read of every byte, and almost no arithmetic."""
     device = torch.device(device)
     a = torch.ones(megabytes * 2**20 // 4, device=device)
-    a.sum()  # warm-up: pages touched, threads started
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    runs, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-        a.sum()
-        sync()
-        runs += 1
+    runs, elapsed = _timed_runs(a.sum, device, seconds)
     return a.numel() * a.element_size() * runs / elapsed
 
 
@@ -267,12 +260,19 @@ def measure_matmul_flops(device: torch.device | str = "cpu", size: int = 1024, d
     device = torch.device(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up (kernel selection, thread pool start)
+    runs, elapsed = _timed_runs(lambda: a @ b, device, seconds)
+    return 2 * size**3 * runs / elapsed
+
+
+def _timed_runs(work: Callable[[], object], device: torch.device, seconds: float) -> tuple[int, float]:
+    """(runs, seconds) of repeating `work` for at least `seconds` and 3 runs, after one warm-up run (pages touched,
+    kernels chosen, the thread pool started), waiting for a GPU to finish each run."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    work()
     sync()
     runs, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < seconds or runs < 3:
-        a @ b
+        work()
         sync()
         runs += 1
-    return 2 * size**3 * runs / elapsed
+    return runs, elapsed
