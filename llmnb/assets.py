@@ -162,10 +162,15 @@ def prepare_all(with_model: bool = True) -> dict[str, str]:
     return done
 
 
+def site_packages() -> Path:
+    """The folder the Python packages are installed in (PyTorch's), a virtual environment's or the system's."""
+    return Path(torch.__file__).parents[1]
+
+
 def environment_disk() -> dict[str, int]:
     """Bytes the collection's environment takes before any notebook writes: the installed Python packages (PyTorch
     the largest), the offline assets among them, and what `llmnb assets` prepared under outputs/."""
-    site = Path(torch.__file__).parents[1]
+    site = site_packages()
     packages = [Path(spec.submodule_search_locations[0]) for spec in map(importlib.util.find_spec, PACKAGES) if spec is not None]
     return {"installed Python packages": disk_bytes(site), "of which PyTorch": disk_bytes(site / "torch"),
             "of which the offline assets": sum(disk_bytes(p) for p in packages),
