@@ -152,11 +152,13 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
 
 def write_committed(executed: Path, target: Path) -> None:
     """An executed notebook written to `target` as it is committed: each cell's streams coalesced (a progress bar's
-    last state, not every update), no empty streams, no widget state, no papermill bookkeeping (local paths)."""
+    last state, not every update), no empty streams, no widget state, no papermill bookkeeping (local paths), and no
+    injected parameters cell: one (`preset = "cpu"` from a `--only` re-run) would pin every later run to its preset."""
     import nbformat
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     nb = nbformat.read(executed, as_version=4)
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     nb, _ = CoalesceStreamsPreprocessor(enabled=True).preprocess(nb, {})
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("papermill", None)

@@ -60,26 +60,27 @@ def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_inst
     (Path(packages) / "stack.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     work = tmp_path / "colab"
     work.mkdir()
-    notebook = work / "00.ipynb"
-    notebook.write_bytes((project_root() / "notebooks" / "00_can_my_machine_do_it.ipynb").read_bytes())
+    # notebook 02: the install cell every notebook shares, the package and the offline assets, and the quickest smoke run
+    notebook = work / "02.ipynb"
+    notebook.write_bytes((project_root() / "notebooks" / "02_gpt_from_scratch.ipynb").read_bytes())
     env = {**os.environ, "KAGGLE_KERNEL_RUN_TYPE": "Interactive", "LLMNB_SOURCE": f"file://{project_root()}", "LLMNB_PRESET": "smoke",
            "HF_HUB_OFFLINE": "1", "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1", "PYTHONPATH": "",
            "PIP_NO_BUILD_ISOLATION": "0"}  # pip reads its "no-" switches inverted: 0 turns build isolation off (the offline build)
     env.pop("LLMNB_HOME", None)
     subprocess.run([python, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"], check=True, env=env, capture_output=True)
-    # this machine's measured figures, as a second notebook run finds them (measuring them again here is notebook 00's own test)
-    from llmnb.paths import outputs_root
+    # SmolLM2 as a second notebook run finds it, converted: the conversion itself is tests/test_assets.py's, and the
+    # install cell's `llmnb assets` still runs from the wheel (it finds the model and writes tiktoken's cache)
+    from llmnb.assets import PREPARED, prepare_smollm2
 
-    if (measured := outputs_root() / "cache" / "machine.json").exists():
-        (work / "outputs" / "smoke" / "cache").mkdir(parents=True)
-        (work / "outputs" / "smoke" / "cache" / "machine.json").write_bytes(measured.read_bytes())
+    (work / "outputs" / PREPARED[0][0]).mkdir(parents=True)
+    (work / "outputs" / PREPARED[0][0] / PREPARED[0][1]).symlink_to(prepare_smollm2(), target_is_directory=True)
     # papermill injects the preset into the real notebook's parameters cell, as `llmnb run` does
     run = subprocess.run([python, "-m", "papermill", notebook.name, "out.ipynb", "-k", "python3", "--cwd", str(work), "-p", "preset", "smoke"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     where = subprocess.run([python, "-c", "import llmnb; print(llmnb.__file__)"], cwd=work, env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(packages) and "__editable__" not in where, f"llmnb imported from {where}, not the installed wheel"
-    assert (work / "outputs").is_dir(), "outputs land beside the notebook, not in the checkout"
+    assert any((work / "outputs").rglob("02_kv_cache.png")), "outputs land beside the notebook, not in the checkout"
     executed = nbformat.read(work / "out.ipynb", as_version=4)
     assert any("injected-parameters" in c.metadata.get("tags", []) and 'preset = "smoke"' in c.source for c in executed.cells)
 
@@ -103,6 +104,8 @@ def _bar_states(text: str) -> dict[str, tuple[int, int]]:
 def test_committed_notebook_shows_each_results_final_state_as_text(path):
     nb = nbformat.read(path, as_version=4)
     assert "widgets" not in nb.metadata, "widget state in the metadata (llmnb run --commit strips it)"
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), \
+        "an injected parameters cell pins the preset for every run (runner.write_committed drops it)"
     bars, problems = {}, []
     for i, out in _outputs(nb):
         if out.output_type in ("display_data", "execute_result"):

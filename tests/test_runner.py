@@ -125,6 +125,18 @@ def test_commit_regenerates_the_committed_notebooks_from_a_clean_outputs(committ
     assert (aside / "gguf/old.gguf").read_text() == "x" and (aside / "models/smollm2-sft/model.safetensors").exists(), "moved, not deleted"
 
 
+def test_a_notebook_re_run_alone_is_written_back_without_the_cell_that_pins_its_preset(committable, tmp_path):
+    """`llmnb run --only` injects `preset = ...`; written back with it, the notebook would run at that preset under
+    `make test` and for every user, whatever LLMNB_PRESET or the machine says."""
+    assert main(["run", "--preset", "smoke", "--only", "01", "--out", str(tmp_path / "alone")]) == 0
+    executed = nbformat.read(tmp_path / "alone" / "01_two.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells), "papermill injected the preset"
+    runner.write_committed(tmp_path / "alone" / "01_two.ipynb", committable / "notebooks" / "01_two.ipynb")
+    written = nbformat.read(committable / "notebooks" / "01_two.ipynb", as_version=4)
+    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in written.cells)
+    assert [c.source for c in written.cells] == [c.source for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+
+
 def test_commit_is_refused_for_a_partial_run_and_writes_nothing_when_a_notebook_fails(committable, capsys):
     before = (committable / "notebooks" / "01_two.ipynb").read_bytes()
     assert main(["run", "--preset", "smoke", "--commit"]) == 2 and "use --preset cpu" in capsys.readouterr().err
