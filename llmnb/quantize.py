@@ -140,6 +140,11 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)
 
 
+def nf4_from_packed(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, block: int = NF4_BLOCK) -> torch.Tensor:
+    """The weight rebuilt from NF4 codes two to a byte (ours or bitsandbytes' packing: the same order) and block absmaxes."""
+    return nf4_dequantize(unpack_nibbles(packed.reshape(-1)), absmax, shape, block)
+
+
 def double_quantize(absmax: torch.Tensor, block: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """QLoRA's double quantization: the fp32 block absmaxes, centred on their mean, as int8 in blocks of `block`.
 
@@ -295,7 +300,7 @@ class NF4Linear(QuantLinear):
 
     def dequantized_weight(self) -> torch.Tensor:
         absmax = double_dequantize(self.absmax_q, self.absmax_scale, self.absmax_mean, ABSMAX_BLOCK)
-        return nf4_dequantize(unpack_nibbles(self.qweight), absmax, torch.Size((self.out_features, self.in_features)), NF4_BLOCK)
+        return nf4_from_packed(self.qweight, absmax, torch.Size((self.out_features, self.in_features)))
 
 
 QUANT_LINEAR: dict[str, type[QuantLinear]] = {cls.scheme: cls for cls in (Int8Linear, Int8DynamicLinear, Int4Linear, NF4Linear)}

@@ -28,6 +28,8 @@ def test_nf4_codes_block_scales_and_packed_bytes_equal_bitsandbytes_on_the_same_
     assert torch.equal(q.pack_nibbles(codes), packed_theirs.flatten())
     theirs = bnb_functional.dequantize_4bit(packed_theirs, state)
     assert torch.allclose(q.nf4_dequantize(codes, absmax, w.shape), theirs, atol=1e-5)
+    # their packed bytes, read by our decoding (rows of whole blocks: where bitsandbytes' CPU dequantization agrees)
+    assert torch.allclose(q.nf4_from_packed(packed_theirs, state.absmax, w.shape), theirs, atol=1e-5)
 
 
 def test_double_quantization_keeps_block_scales_within_an_int8_step_and_saves_a_third_of_a_bit():
