@@ -150,6 +150,11 @@ def run(preset: str = "auto", only: list[str] | None = None, parameters: dict | 
     return results, report
 
 
+def injected(cell) -> bool:
+    """Whether `cell` is the parameters cell papermill inserted (tagged `injected-parameters`)."""
+    return "injected-parameters" in cell.metadata.get("tags", [])
+
+
 def write_committed(executed: Path, target: Path) -> None:
     """An executed notebook written to `target` as it is committed: each cell's streams coalesced (a progress bar's
     last state, not every update), no empty streams, no widget state, no papermill bookkeeping (local paths), and no
@@ -158,7 +163,7 @@ def write_committed(executed: Path, target: Path) -> None:
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
     nb = nbformat.read(executed, as_version=4)
-    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    nb.cells = [c for c in nb.cells if not injected(c)]
     nb, _ = CoalesceStreamsPreprocessor(enabled=True).preprocess(nb, {})
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("papermill", None)

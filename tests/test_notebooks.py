@@ -8,6 +8,7 @@ import pytest
 
 from llmnb import runner
 from llmnb.paths import notebooks_dir
+from llmnb.runner import injected
 
 NOTEBOOKS = runner.find_notebooks()
 
@@ -82,7 +83,7 @@ def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_inst
     assert where.startswith(packages) and "__editable__" not in where, f"llmnb imported from {where}, not the installed wheel"
     assert any((work / "outputs").rglob("02_kv_cache.png")), "outputs land beside the notebook, not in the checkout"
     executed = nbformat.read(work / "out.ipynb", as_version=4)
-    assert any("injected-parameters" in c.metadata.get("tags", []) and 'preset = "smoke"' in c.source for c in executed.cells)
+    assert any(injected(c) and 'preset = "smoke"' in c.source for c in executed.cells)
 
 
 # --- the committed notebooks read cleanly: what a reader sees on GitHub or Colab is the run's final state ------------
@@ -104,7 +105,7 @@ def _bar_states(text: str) -> dict[str, tuple[int, int]]:
 def test_committed_notebook_shows_each_results_final_state_as_text(path):
     nb = nbformat.read(path, as_version=4)
     assert "widgets" not in nb.metadata, "widget state in the metadata (llmnb run --commit strips it)"
-    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), \
+    assert not any(injected(c) for c in nb.cells), \
         "an injected parameters cell pins the preset for every run (runner.write_committed drops it)"
     bars, problems = {}, []
     for i, out in _outputs(nb):

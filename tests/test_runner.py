@@ -5,6 +5,7 @@ import pytest
 
 from llmnb import runner
 from llmnb.__main__ import main
+from llmnb.runner import injected
 
 
 def _notebook(path, *sources):
@@ -53,7 +54,7 @@ def test_run_passes_parameters_records_metrics_and_stops_at_the_failing_cell(hom
     assert "![ok_plot](figures/ok_plot.png)" in report and (out / "figures" / "ok_plot.png").exists()
     assert "<table>" in (out / "report.html").read_text()
     executed = nbformat.read(out / "00_ok.ipynb", as_version=4)
-    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert any(injected(c) for c in executed.cells)
 
 
 def test_only_and_out_select_notebooks_and_folder(home, tmp_path, capfd):
@@ -105,7 +106,7 @@ def committable(tmp_path, monkeypatch):
 def test_commit_regenerates_the_committed_notebooks_from_a_clean_outputs(committable):
     assert main(["run", "--preset", "cpu", "--commit"]) == 0
     nb = nbformat.read(committable / "notebooks" / "00_bars.ipynb", as_version=4)
-    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells), "no cell pinning the preset"
+    assert not any(injected(c) for c in nb.cells), "no cell pinning the preset"
     assert "widgets" not in nb.metadata and "papermill" not in nb.metadata and not any("papermill" in c.metadata for c in nb.cells)
     streams = [o for o in nb.cells[1].outputs if o.output_type == "stream"]
     assert all(o.text.strip() for o in streams), "no empty stream"
@@ -130,11 +131,11 @@ def test_a_notebook_re_run_alone_is_written_back_without_the_cell_that_pins_its_
     `make test` and for every user, whatever LLMNB_PRESET or the machine says."""
     assert main(["run", "--preset", "smoke", "--only", "01", "--out", str(tmp_path / "alone")]) == 0
     executed = nbformat.read(tmp_path / "alone" / "01_two.ipynb", as_version=4)
-    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells), "papermill injected the preset"
+    assert any(injected(c) for c in executed.cells), "papermill injected the preset"
     runner.write_committed(tmp_path / "alone" / "01_two.ipynb", committable / "notebooks" / "01_two.ipynb")
     written = nbformat.read(committable / "notebooks" / "01_two.ipynb", as_version=4)
-    assert not any("injected-parameters" in c.metadata.get("tags", []) for c in written.cells)
-    assert [c.source for c in written.cells] == [c.source for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    assert not any(injected(c) for c in written.cells)
+    assert [c.source for c in written.cells] == [c.source for c in executed.cells if not injected(c)]
 
 
 def test_commit_is_refused_for_a_partial_run_and_writes_nothing_when_a_notebook_fails(committable, capsys):
