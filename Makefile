@@ -1,6 +1,7 @@
 # The two commands a new user needs, each idempotent and doing its own set-up:
 #   make run   - create .venv, install llmnb and the offline assets, run every notebook (preset auto)
-#   make test  - the same set-up plus the test extras, then the whole test suite
+#   make test  - the same set-up plus the test extras, then the test suite but for its long checks (under 15 minutes on 2 cores)
+#   make test-long - those long checks: torchrun runs, the lower kernel path, a notebook against a built wheel (CI runs both)
 # Also: make lab (JupyterLab on the notebooks), make smoke (the CI-sized run), make clean,
 #   make notebooks (regenerate the committed notebooks: all, in order, cpu preset, from a clean outputs/; run it alone).
 # TORCH_INDEX=<index url> installs torch from another index (a CPU-only or a CUDA build).
@@ -18,7 +19,7 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 PRESET ?= auto
 STAMP  := $(VENV)/.llmnb-installed
 
-.PHONY: python setup test-setup run smoke notebooks test lab clean
+.PHONY: python setup test-setup run smoke notebooks test test-long lab clean
 
 python:
 	@test -n "$(PYTHON)" || { echo "No Python $(PY_SPEC), which llmnb supports, is on PATH; python3 is $$(python3 --version 2>&1)." >&2; \
@@ -50,7 +51,10 @@ notebooks: setup
 	$(PY) -m llmnb run --preset cpu --commit
 
 test: setup
-	HF_HUB_OFFLINE=1 LLMNB_PRESET=smoke $(PY) -m pytest
+	HF_HUB_OFFLINE=1 LLMNB_PRESET=smoke $(PY) -m pytest -m "not long"
+
+test-long: setup
+	HF_HUB_OFFLINE=1 LLMNB_PRESET=smoke $(PY) -m pytest -m long tests
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -1,5 +1,5 @@
-"""The tests whose results depend on the processor's kernels run twice in one `make test`: in the suite itself on this
-machine's best kernels, and here again on a lower path that another user's CPU would take.
+"""The tests whose results depend on the processor's kernels run twice: in `make test` on this machine's best kernels,
+and here (`make test-long`, which CI runs after the suite) again on a lower path that another user's CPU would take.
 
 PyTorch picks its vectorised ATen kernels (AVX-512, AVX2 or plain C++) and oneDNN its bf16 matmuls (AVX-512 BF16 /
 AMX, or none) from the processor at start-up; `ATEN_CPU_CAPABILITY` and `ONEDNN_MAX_CPU_ISA` lower both for a process.
@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,7 @@ def test_the_switches_change_the_kernels_a_process_takes():
         assert "bfloat16" not in lowered_isa and "AMX" not in lowered_isa, f"oneDNN still uses bf16 instructions: {lowered_isa}"
 
 
+@pytest.mark.long
 def test_kernel_dependent_tests_pass_again_on_the_lower_path():
     env = lower_path_env()
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cpu_paths", "-p", "no:cacheprovider", "-o", "addopts=", "tests"],

@@ -26,6 +26,17 @@ def test_committed_notebook_carries_outputs_and_no_errors(path):
     assert not errors, f"error outputs: {[e.ename for e in errors]}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_sees_every_name_of_the_parameters_cell(path):
+    """`llmnb run -p NAME VALUE` accepts only what papermill's parser finds: a line it cannot parse (05's dpo_sft had an
+    `=` in its comment) would refuse a real parameter as unknown."""
+    import papermill
+
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    assigned = set(re.findall(r"^(\w+)\s*=", cell.source, re.M))
+    assert set(papermill.inspect_notebook(str(path))) == assigned
+
+
 def test_notebooks_folder_has_only_numbered_notebooks():
     assert all(p.name[:2].isdigit() for p in notebooks_dir().glob("*.ipynb"))
 
@@ -43,6 +54,7 @@ def test_every_install_cell_installs_from_the_address_in_the_package_metadata():
         assert 'f"llmnb[notebooks] @ {source}"' in cell, f"{path.name}: the install uses the LLMNB_SOURCE override"
 
 
+@pytest.mark.long
 def test_a_notebook_runs_from_outside_the_repository_against_a_non_editable_install(tmp_path):
     """As on Colab: the package installed from a built wheel (not this checkout), the notebook in a folder of its own,
     its install cell taking the Kaggle branch with LLMNB_SOURCE pointing at this checkout, offline."""

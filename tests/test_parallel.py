@@ -17,6 +17,7 @@ def torchrun(*args: str) -> dict:
     return next(line for line in lines if line["rank"] == 0)
 
 
+@pytest.mark.long
 def test_tensor_parallel_mlp_and_attention_equal_one_process_after_one_all_reduce():
     out = torchrun("tensor", "--n-embd", "128")
     assert out["mlp_max_difference"] < 1e-5 and out["attention_max_difference"] < 1e-5
@@ -24,6 +25,7 @@ def test_tensor_parallel_mlp_and_attention_equal_one_process_after_one_all_reduc
     assert sum(out["mlp_collectives"].values()) == 1 and "all_reduce" in next(iter(out["mlp_collectives"])), out["mlp_collectives"]
 
 
+@pytest.mark.long
 def test_sharding_strategies_train_alike_and_hold_less_per_process_the_more_they_shard():
     """ZeRO's ordering, measured: full sharding < sharded gradients and optimizer < DDP, at the same losses."""
     runs = {s: torchrun("zero", "--strategy", s, "--n-layer", "4", "--n-embd", "256") for s in ("ddp", "shard-grad-op", "full-shard")}

@@ -86,6 +86,7 @@ def run_sft(base, data, out, *settings, nproc=1, lora_r=4):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.long
 def test_two_processes_train_the_same_adapter_as_one_process_on_the_same_global_batch(tiny_base, tmp_path):
     """Replies of 1 to 4 digits: each rank learns a different number of tokens, so the DDP mean must weigh them."""
     rows = [{"prompt": f"Say {i}", "response": str(7 ** (i % 9))} for i in range(40)]
@@ -101,6 +102,7 @@ def test_two_processes_train_the_same_adapter_as_one_process_on_the_same_global_
     assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k), "the adapters trained"
 
 
+@pytest.mark.long
 def test_full_fine_tuning_under_fsdp_writes_a_model_transformers_loads(tiny_base, tmp_path):
     from transformers import pipeline
 

@@ -123,6 +123,7 @@ def torchrun(data_dir, out, *settings, stop_after=None):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 2)])
 def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tmp_path, strategy, accum):
     """Losses and gradient norms at a real learning rate: a sum instead of a mean over ranks doubles every norm.
@@ -140,6 +141,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(data_dir, tm
     assert start["world_size"] == 2 and start["precision"] == "torch.float64"
 
 
+@pytest.mark.long
 def test_two_nodes_of_one_process_each_match_one_process(data_dir, tmp_path):
     """Two "machines" on this one: two torchrun launchers, one process each, meeting through the c10d rendezvous at an
     address (here 127.0.0.1; on a cluster, the first node's), as README's multi-node command runs them."""
