@@ -151,3 +151,21 @@ def test_without_a_compiler_the_step_runs_eagerly_and_says_so(monkeypatch):
     assert "eager: no C++ compiler" in str(fast.decoding)
     assert torch.equal(generate(fast, torch.tensor([[1, 2, 3]]), 5, temperature=0),
                        generate(_models()["gpt2"], torch.tensor([[1, 2, 3]]), 5, temperature=0))
+
+
+@cpu_paths
+@pytest.mark.long  # 40 s with a cold Inductor cache: autotuning times every product's candidate kernels
+def test_an_int8_model_compiled_with_autotuned_gemms_decodes_what_it_does_eagerly():
+    """The compiled step autotunes its products (Inductor's C++ GEMM templates against ATen's kernels, the weight-only
+    int8 product included): the same greedy tokens as the int8 model run eagerly in bf16, log-probabilities within
+    bf16 rounding (one ulp of a logit of order 1 is 0.008)."""
+    model = quantize_model(_biased(_models()["llama"]), "int8")
+    ids = torch.randint(0, 97, (2, 7))
+    eager = decoding.prepare(copy.deepcopy(model), torch.bfloat16)
+    fast = decoding.prepare(copy.deepcopy(model), torch.bfloat16, compile=True)
+    autotuned = decoding.gemm_templates_safe()  # AVX-512: the templates; AVX2 (the lower path): ATen's kernels
+    assert fast.decoding.step.compiled.autotune == autotuned and ("autotuned" in str(fast.decoding)) == autotuned
+    tokens, logprobs = generate(eager, ids, 10, temperature=0, return_logprobs=True)
+    fast_tokens, fast_logprobs = generate(fast, ids, 10, temperature=0, return_logprobs=True)
+    assert not fast.decoding.step.failed and torch.equal(fast_tokens, tokens)
+    torch.testing.assert_close(fast_logprobs, logprobs, atol=0.03, rtol=0)
