@@ -39,6 +39,7 @@ LOCAL_IMPORTS = {
     "sentencepiece": "the notebooks extra: notebook 01 sets SentencePiece beside our BPE; serving does not install it",
     "huggingface_hub": "imported only after the hub question is settled (HF_HUB_OFFLINE), see llmnb.hub",
     "torch.distributed": "only under torchrun",
+    "torch._inductor": "Inductor's compiler (~1 s to import): only where a compiled step is built and asks which vector ISA it writes",
     "papermill": "the notebooks extra: `llmnb run` only",
     "nbformat": "the notebooks extra: `llmnb run` only",
     "nbconvert": "the notebooks extra: `llmnb run --commit` only (coalescing a notebook's streams)",
