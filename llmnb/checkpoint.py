@@ -147,6 +147,12 @@ def _check_vocabulary(tokens: int, vocab_size: int, source) -> None:
 # --- one loader for everything -------------------------------------------------------------------
 
 
+def _hf_model(hub_id: str):
+    from transformers import AutoModelForCausalLM  # its modeling code: only for a hub id that is not a folder
+
+    return AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32)
+
+
 def load(source: str | Path, *, device: str | torch.device = "cpu", attention: str = "sdpa") -> tuple[GPT, object]:
     """(llmnb GPT in eval mode, tokenizer) for an llmnb checkpoint or run folder, a Hugging Face folder, a registry name or a hub id."""
     path = Path(str(source)).expanduser()
@@ -166,10 +172,10 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
         if tokenizer is None:
             raise ValueError(f"{path} stores no tokenizer; save checkpoints with their tokenizer (llmnb.train does)")
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+        from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
 
         where = resolve_model(str(source))
-        model = from_hf(where if Path(where).is_dir() else AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32), attention)
+        model = from_hf(where if Path(where).is_dir() else _hf_model(where), attention)
         tokenizer = AutoTokenizer.from_pretrained(where)
     _check_vocabulary(len(tokenizer) if not isinstance(tokenizer, CharTokenizer) else tokenizer.vocab_size, model.config.vocab_size, source)
     return model.to(device).eval(), tokenizer

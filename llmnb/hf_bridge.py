@@ -7,9 +7,11 @@ GPT-2's fused `c_attn` matrix is split into q, k and v here, and its Conv1D weig
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .model import GPT, GPTConfig
 from .paths import write_atomic
@@ -141,15 +143,39 @@ def from_hf(source, attention: str = "sdpa") -> GPT:
 
     Names (registry names, hub ids) are resolved by `llmnb.checkpoint`, which calls this.
     """
-    from transformers import AutoModelForCausalLM  # seconds to import: only where a Hugging Face object is built
-
     if isinstance(source, (str, Path)):
         if not (Path(source) / "config.json").is_file():
             raise FileNotFoundError(f"{source} holds no config.json: pass a Hugging Face model folder, or use llmnb.checkpoint.load for names")
+        if (model := _from_safetensors(Path(source), attention)) is not None:
+            return model
+        from transformers import AutoModelForCausalLM  # seconds to import: only where a Hugging Face object is built
+
         source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = config_from_hf(source.config, attention)
     model = GPT(config)
     model.load_state_dict({k: v.float() for k, v in to_ours(config, source.state_dict()).items()}, strict=True)
+    return model.eval()
+
+
+def _from_safetensors(folder: Path, attention: str) -> GPT | None:
+    """Our GPT straight from a folder's safetensors files under the names `save_pretrained` writes, without building
+    the `transformers` model first (that held a second fp32 copy of every weight, and its modeling code took tens of
+    MB of a server's memory). None where the names differ (older GPT-2 files lack the `transformer.` prefix), or the
+    weights are in another format: `transformers` reads those."""
+    from transformers import AutoConfig  # the config classes only: no modeling code
+
+    index = folder / "model.safetensors.index.json"  # a sharded checkpoint names its files here
+    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else [folder / "model.safetensors"]
+    if not all(f.is_file() for f in files):
+        return None
+    config = config_from_hf(AutoConfig.from_pretrained(folder), attention)
+    theirs = {name: tensor for file in files for name, tensor in load_file(file).items()}
+    try:
+        ours = to_ours(config, theirs)
+    except KeyError:
+        return None
+    model = GPT(config)
+    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
     return model.eval()
 
 

@@ -27,6 +27,27 @@ def test_round_trip_through_a_saved_folder(pair, tmp_path):
         torch.testing.assert_close(back(x)[0], ours(x)[0], atol=0, rtol=0)
 
 
+def test_a_folder_is_read_without_building_the_transformers_model(pair, tmp_path, monkeypatch):
+    """A folder save_pretrained wrote is read straight from its safetensors file (no second fp32 copy of the weights
+    in a transformers model); one under other names (GPT-2's hub file has no `transformer.` prefix) goes through
+    transformers, which knows them, and loads the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    ours, _ = pair
+    B.to_hf(ours, tmp_path, tokenizer=_tokenizer())
+    x = torch.randint(0, 320, (2, 16))
+    built, original = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: built.append(a) or original(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(B.from_hf(tmp_path)(x)[0], ours(x)[0], atol=0, rtol=0)
+        assert built == []
+        state = load_file(tmp_path / "model.safetensors")
+        save_file({k.removeprefix("transformer."): v for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        renamed = any(k.startswith("transformer.") for k in state)  # GPT-2's names carry the prefix, Llama's do not
+        torch.testing.assert_close(B.from_hf(tmp_path)(x)[0], ours(x)[0], atol=0, rtol=0)
+        assert len(built) == renamed
+
+
 def test_continuing_a_cache_with_several_tokens_matches_a_full_pass(pair):
     ours, _ = pair
     x = torch.randint(0, 320, (2, 12))
