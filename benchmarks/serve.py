@@ -8,9 +8,10 @@ both). Clients are real HTTP clients streaming server-sent events (llmnb.serve.l
 request asks for exactly --max-tokens tokens. Ours run without the safety filter (llama.cpp has none), plus one
 point with it at 16 clients, to show its cost. "ours, compiled" is `llmnb serve --compile` (the step one
 Inductor graph, built in the background after the server is ready; its sweep starts once /health says
-it is built, and the build time is printed). Prints the table, and the ratios the issues target: at 16
-clients batching on / off (>= 4x), ours / llama.cpp (>= 1.0x); at 1 client the time per token (<= 1.3x
-llama.cpp's); each server's resident memory against its weights and KV cache.
+it is built, and the build time is printed); `--int8` adds ours, eager and compiled, on notebook 06's int8
+weights (llama.cpp keeps F16). Prints the table, and the ratios the issues target: at 16 clients batching
+on / off (>= 4x), ours / llama.cpp (>= 1.0x); at 1 client the time per token (<= 1.3x llama.cpp's); each
+server's resident memory against its weights and KV cache.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled server (it builds for about 3 minutes on 2 cores)")
+    parser.add_argument("--int8", action="store_true", help="also serve the model in notebook 06's int8 (eager and, unless --no-compile, "
+                                                            "compiled); llama.cpp keeps the F16 file")
     args = parser.parse_args()
 
     import httpx
@@ -71,14 +74,27 @@ def main() -> None:
     with local_server(model, "--max-batch", str(slots), "--context", str(args.context)) as server:  # the default safety filter on
         warm_up(server.url, name, 16)
         rows.append(closed_loop(server.url, name, 16, args.seconds, args.max_tokens, server="ours, batching on, safety filter"))
-    if not args.no_compile:
-        with local_server(model, "--max-batch", str(slots), "--compile", *common) as server:
+    rss = {"ours, batching on": ours_rss}  # server -> resident bytes, measured after its sweep
+    served = {"ours, batching on": model}  # server -> the folder it serves
+
+    def compiled_sweep(folder: str, server_name: str) -> None:
+        with local_server(folder, "--max-batch", str(slots), "--compile", "--name", name, *common) as server:
             launched = time.perf_counter()
             while "built in" not in (step := httpx.get(f"{server.url}/health").json()["decoding"]) and "eager:" not in step:
                 time.sleep(1)
-            print(f"compiled server: {step} ({time.perf_counter() - launched:.0f} s after /health first said 200)", flush=True)
-            rows += sweep(server.url, "ours, compiled")
-            compiled_rss = server.rss_bytes()
+            print(f"{server_name}: {step} ({time.perf_counter() - launched:.0f} s after /health first said 200)", flush=True)
+            rows.extend(sweep(server.url, server_name))
+            rss[server_name], served[server_name] = server.rss_bytes(), folder
+
+    if not args.no_compile:
+        compiled_sweep(model, "ours, compiled")
+    if args.int8:
+        int8 = str(artifacts.ensure("quantized", model=model, scheme="int8"))
+        with local_server(int8, "--max-batch", str(slots), "--name", name, *common) as server:  # the id the clients send
+            rows += sweep(server.url, "ours, int8")
+            rss["ours, int8"], served["ours, int8"] = server.rss_bytes(), int8
+        if not args.no_compile:
+            compiled_sweep(int8, "ours, int8 compiled")
     with llama_cpp_process(gguf, n_parallel=slots, context=args.context) as server:
         rows += sweep(server.url, f"llama.cpp ({Path(gguf).stem.split('.')[-1]})")
         llama_rss = server.rss_bytes()
@@ -86,23 +102,23 @@ def main() -> None:
     pd.set_option("display.width", 250)
     print(table.round(1).to_string(index=False))
     at16 = table[table.clients == 16].set_index("server")["output tok/s"]
-    ours = ["ours, batching on"] + ([] if args.no_compile else ["ours, compiled"])
+    ours = list(rss)
     if 16 in clients:
         on, off, filtered = at16["ours, batching on"], at16["ours, batching off"], at16["ours, batching on, safety filter"]
         llama = at16.iloc[-1]
         print(f"\nat 16 clients: batching on / off = {on / off:.2f}x (target >= 4); the safety filter keeps {filtered / on:.2f}x "
               f"of ours' throughput; " + ", ".join(f"{o} / llama.cpp = {at16[o] / llama:.2f}x" for o in ours) + " (target >= 1.0)")
-    served = decoding.prepare(checkpoint.load(model)[0])  # what the server holds: its weights and its KV cache's size
-    weights = decoding.weight_bytes(served)
-    cache = slots * args.context * served.kv_cache_bytes_per_token("fp32") * served.decoding.dtype.itemsize / 4
     at1 = table[table.clients == 1].set_index("server")["TPOT p50 ms"]
     print(f"\nours decodes as: {health['decoding']}; ready (/health 200) {ready:.0f} s after launch")
     for o in ours:
         print(f"at 1 client, time per output token: {o} {at1[o]:.1f} ms, llama.cpp {at1.iloc[-1]:.1f} ms: "
               f"{at1[o] / at1.iloc[-1]:.2f}x (target <= 1.3)")
-    for o, rss in zip(ours, [ours_rss] + ([] if args.no_compile else [compiled_rss])):
-        print(f"resident memory: {o} {rss / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
-              f"+ {(rss - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two)")
+    for o in ours:
+        prepared = decoding.prepare(checkpoint.load(served[o])[0])  # what the server holds: its weights and its KV cache's size
+        weights = decoding.weight_bytes(prepared)
+        cache = slots * args.context * prepared.kv_cache_bytes_per_token("fp32") * prepared.decoding.dtype.itemsize / 4
+        print(f"resident memory: {o} {rss[o] / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
+              f"+ {(rss[o] - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two)")
     print(f"resident memory: llama.cpp {llama_rss / 1e6:.0f} MB")
     print(f"took {time.perf_counter() - started:.0f} s")
 
