@@ -31,7 +31,7 @@ from .hub import is_offline
 from .model import GPT, GPTConfig
 from .paths import write_atomic
 from .quantize import load_quantized
-from .tokenizer import BPETokenizer, CharTokenizer
+from .tokenizer import BPETokenizer, CharTokenizer, hf_tokenizer
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one makes a folder's tokenizer real
@@ -153,13 +153,17 @@ def _hf_model(hub_id: str):
     return AutoModelForCausalLM.from_pretrained(hub_id, dtype=torch.float32)
 
 
-def load(source: str | Path, *, device: str | torch.device = "cpu", attention: str = "sdpa") -> tuple[GPT, object]:
-    """(llmnb GPT in eval mode, tokenizer) for an llmnb checkpoint or run folder, a Hugging Face folder, a registry name or a hub id."""
+def load(source: str | Path, *, device: str | torch.device = "cpu", attention: str = "sdpa",
+         light_tokenizer: bool = False) -> tuple[GPT, object]:
+    """(llmnb GPT in eval mode, tokenizer) for an llmnb checkpoint or run folder, a Hugging Face folder, a registry name or a hub id.
+
+    `light_tokenizer`: a Hugging Face folder's tokenizer as a `tokenizer.FolderTokenizer` where it can be (what a server
+    needs, in less memory), else `AutoTokenizer`'s."""
     path = Path(str(source)).expanduser()
     if (path / "quantization.json").is_file():  # a folder llmnb.quantize.save_quantized wrote
         if torch.device(device).type != "cpu":
             raise ValueError(f"{path} holds weights quantized for PyTorch's CPU kernels: load it on cpu, or load the full-precision model on {device}")
-        return load_quantized(path)
+        return load_quantized(path, light_tokenizer=light_tokenizer)
     if path.suffix == ".pt" or (path / CHECKPOINT_FILE).is_file():
         state = read_checkpoint(path)
         if state.get("trainable_only"):
@@ -172,10 +176,8 @@ def load(source: str | Path, *, device: str | torch.device = "cpu", attention: s
         if tokenizer is None:
             raise ValueError(f"{path} stores no tokenizer; save checkpoints with their tokenizer (llmnb.train does)")
     else:
-        from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
-
         where = resolve_model(str(source))
         model = from_hf(where if Path(where).is_dir() else _hf_model(where), attention)
-        tokenizer = AutoTokenizer.from_pretrained(where)
+        tokenizer = hf_tokenizer(where, light_tokenizer)
     _check_vocabulary(len(tokenizer) if not isinstance(tokenizer, CharTokenizer) else tokenizer.vocab_size, model.config.vocab_size, source)
     return model.to(device).eval(), tokenizer

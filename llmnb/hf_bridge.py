@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
@@ -138,6 +139,36 @@ def config_from_hf(hf_config, attention: str = "sdpa") -> GPTConfig:
     raise ValueError(f"model type {hf_config.model_type!r} is not supported: llmnb's GPT loads 'gpt2' and 'llama' checkpoints")
 
 
+# What transformers' GPT2Config / LlamaConfig give the fields `config_from_hf` reads when a config.json leaves them
+# out, and GPT-2's other names for four of them: `read_config` uses them to read a file without importing
+# transformers' config classes (84 MB of a server's memory: they import its kernel and accelerate integrations).
+# tests/test_model.py compares the result with transformers' own on files that omit every one.
+HF_DEFAULTS = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+             "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "bos_token_id": 50256, "eos_token_id": 50256},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": None, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False, "head_dim": None, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2},
+}
+GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+
+
+def read_config(folder: str | Path, attention: str = "sdpa") -> GPTConfig | None:
+    """Our GPTConfig from a folder's config.json, read as JSON; None where transformers must read it (another
+    model type, RoPE scaling in the older `rope_scaling` form), and `config_from_hf` refuses what our GPT cannot be."""
+    values = json.loads((Path(folder) / "config.json").read_text())
+    kind = values.get("model_type")
+    if kind not in HF_DEFAULTS or values.get("rope_scaling"):
+        return None
+    fields = {**HF_DEFAULTS[kind], **values}  # an explicit null stays null, as in transformers
+    if kind == "gpt2":
+        fields |= {ours: fields[theirs] for ours, theirs in GPT2_NAMES.items()}
+    else:
+        fields["num_key_value_heads"] = values.get("num_key_value_heads") or fields["num_attention_heads"]
+        fields.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": fields["rope_theta"]})
+    return config_from_hf(SimpleNamespace(**fields), attention)
+
+
 def from_hf(source, attention: str = "sdpa") -> GPT:
     """Our GPT with the weights of a Hugging Face GPT-2 or Llama model: a `transformers` model or a folder.
 
@@ -158,17 +189,16 @@ def from_hf(source, attention: str = "sdpa") -> GPT:
 
 
 def _from_safetensors(folder: Path, attention: str) -> GPT | None:
-    """Our GPT straight from a folder's safetensors files under the names `save_pretrained` writes, without building
-    the `transformers` model first (that held a second fp32 copy of every weight, and its modeling code took tens of
-    MB of a server's memory). None where the names differ (older GPT-2 files lack the `transformer.` prefix), or the
-    weights are in another format: `transformers` reads those."""
-    from transformers import AutoConfig  # the config classes only: no modeling code
-
+    """Our GPT straight from a folder's config.json and safetensors files under the names `save_pretrained` writes,
+    without transformers (building its model first held a second fp32 copy of every weight). None where the names
+    differ (older GPT-2 files lack the `transformer.` prefix), the weights are in another format or the config needs
+    transformers to read it: `transformers` loads those."""
     index = folder / "model.safetensors.index.json"  # a sharded checkpoint names its files here
     files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else [folder / "model.safetensors"]
     if not all(f.is_file() for f in files):
         return None
-    config = config_from_hf(AutoConfig.from_pretrained(folder), attention)
+    if (config := read_config(folder, attention)) is None:
+        return None
     theirs = {name: tensor for file in files for name, tensor in load_file(file).items()}
     try:
         ours = to_ours(config, theirs)

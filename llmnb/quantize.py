@@ -39,6 +39,7 @@ from .generate import generate
 from .lora import adapters
 from .model import GPT, GPTConfig, rope_tables, swap_module
 from .paths import write_atomic
+from .tokenizer import hf_tokenizer
 
 NF4_BLOCK, ABSMAX_BLOCK = 64, 256  # QLoRA's block sizes: weights per absmax, absmaxes per second-level scale
 QUANT_FILE = "quantization.json"
@@ -398,10 +399,9 @@ def save_quantized(model: GPT, tokenizer, folder: str | Path) -> Path:
     return write_atomic(folder, write)
 
 
-def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, object]:
-    """(quantized GPT, tokenizer) from a `save_quantized` folder; `scheme`, when given, must be the one stored."""
-    from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
-
+def load_quantized(folder: str | Path, scheme: str | None = None, light_tokenizer: bool = False) -> tuple[GPT, object]:
+    """(quantized GPT, tokenizer) from a `save_quantized` folder; `scheme`, when given, must be the one stored;
+    `light_tokenizer`: see `tokenizer.hf_tokenizer`."""
     folder = Path(folder)
     meta_file = folder / QUANT_FILE
     if not meta_file.is_file():
@@ -412,7 +412,7 @@ def load_quantized(folder: str | Path, scheme: str | None = None) -> tuple[GPT, 
                          f"or quantize the full-precision model to {scheme}")
     model = _empty_quantized(GPTConfig.from_dict(meta["config"]), meta["scheme"], meta["group_size"])
     model.load_state_dict(load_file(folder / WEIGHTS_FILE), strict=True)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return model.eval(), hf_tokenizer(folder, light_tokenizer)
 
 
 # --- measuring a scheme, and the libraries people use, on the same model ------------------------------

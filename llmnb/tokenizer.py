@@ -334,6 +334,66 @@ class CharTokenizer:
         return cls(_load_json(path, "llmnb-char", "an llmnb character tokenizer file")["chars"])
 
 
+class FolderTokenizer:
+    """A Hugging Face tokenizer folder read with `tokenizers` and transformers' own chat-template renderer alone.
+
+    What a server asks of a tokenizer (encode, decode, a chat's prompt ids, the end token) without `AutoTokenizer`,
+    whose import chain (transformers' tokenizer classes, which import its kernel and accelerate integrations) held
+    about 100 MB of a server process. `open` gives None for a folder that `AutoTokenizer` would read otherwise;
+    tests/test_tokenizer.py checks that both give the same ids and text.
+    """
+    PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # classes that use tokenizer.json as it is
+
+    def __init__(self, backend: Tokenizer, settings: dict, chat_template: str | None):
+        self.backend, self.chat_template = backend, chat_template
+        # the template sees the special tokens by name, as transformers passes them to it
+        self.special = {k: v["content"] if isinstance(v, dict) else v for k, v in settings.items()
+                        if k.endswith("_token") and isinstance(v, (str, dict)) and v}
+        self.eos_token_id = backend.token_to_id(self.special["eos_token"]) if "eos_token" in self.special else None
+
+    @classmethod
+    def open(cls, folder: str | Path) -> FolderTokenizer | None:
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file() or not (folder / "tokenizer_config.json").is_file():
+            return None
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        template_file = folder / "chat_template.jinja"  # transformers' own file; an older folder keeps it in the settings
+        template = template_file.read_text() if template_file.is_file() else settings.get("chat_template")
+        if settings.get("tokenizer_class") not in cls.PLAIN_CLASSES or settings.get("clean_up_tokenization_spaces") \
+                or not isinstance(template, (str, type(None))):
+            return None  # a class of its own, decoded text rewritten, or several named templates: AutoTokenizer's work
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), settings, template)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids for a chat, as `apply_chat_template(..., tokenize=True)`: the template writes the special tokens."""
+        # transformers' renderer (its sandbox and filters), without its tokenizer classes
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template: format the prompt yourself, or use a model folder that has one")
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
+                                            add_generation_prompt=add_generation_prompt, **self.special)
+        return self.backend.encode(rendered[0], add_special_tokens=False).ids
+
+
+def hf_tokenizer(folder: str | Path, light: bool = False):
+    """`AutoTokenizer` for a Hugging Face folder or hub id; with `light`, a `FolderTokenizer` where it reads the folder the same way."""
+    if light and (found := FolderTokenizer.open(folder)) is not None:
+        return found
+    from transformers import AutoTokenizer  # seconds to import: only where a Hugging Face object is built
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 # Llama 2's trainer settings: text kept as it is (no NFKC, no collapsed spaces), digits one by one, and characters the
 # vocabulary lacks spelled as their UTF-8 bytes instead of <unk>.
 SENTENCEPIECE_LLAMA = dict(normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,

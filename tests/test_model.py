@@ -48,6 +48,26 @@ def test_a_folder_is_read_without_building_the_transformers_model(pair, tmp_path
         assert len(built) == renamed
 
 
+def test_a_config_file_reads_as_transformers_reads_it(pair, tmp_path):
+    """read_config (JSON, no transformers) gives the GPTConfig that transformers' config classes give: for a saved
+    folder, SmolLM2's file, and files that leave out every field transformers fills with a default."""
+    import json
+
+    from transformers import AutoConfig
+
+    ours, _ = pair
+    B.to_hf(ours, tmp_path, tokenizer=_tokenizer())
+    folders = [tmp_path, resolve_model("smollm2-135m-instruct")]
+    for folder in folders:
+        assert B.read_config(folder) == B.config_from_hf(AutoConfig.from_pretrained(folder)), folder
+    values = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": values["model_type"]}))
+    assert B.read_config(tmp_path) == B.config_from_hf(AutoConfig.from_pretrained(tmp_path))
+    if values["model_type"] == "llama":  # RoPE scaling in the older form: transformers reads it (and from_hf refuses it)
+        (tmp_path / "config.json").write_text(json.dumps({**values, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))
+        assert B.read_config(tmp_path) is None
+
+
 def test_continuing_a_cache_with_several_tokens_matches_a_full_pass(pair):
     ours, _ = pair
     x = torch.randint(0, 320, (2, 12))

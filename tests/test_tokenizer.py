@@ -196,3 +196,59 @@ def test_sentencepiece_without_byte_fallback_loses_unseen_characters_and_bad_typ
     assert sp.unk_id() in sp.encode("東京") and sp.decode(sp.encode("東京")) != "東京"
     with pytest.raises(ValueError, match="model_type must be 'unigram' or 'bpe'"):
         train_sentencepiece(shakespeare_texts, 600, "wordpiece")
+
+
+# --- FolderTokenizer: a Hugging Face folder without AutoTokenizer -------------------------------------------------
+
+CHAT_TEXTS = ["Hello, world!", "  leading spaces and\ttabs\n\nnew lines ", "naïve café, 東京 🙂", "don't . , ? !",
+              "<|im_start|>user\nhi<|im_end|>", ""]
+CHATS = [[{"role": "user", "content": "What is 2 + 2?"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 🙂"}, {"role": "user", "content": "Bye"}]]
+
+
+def _bpe_folder(tmp_path):
+    """Our BPE saved as transformers saves it, with a chat template that names its special tokens (as SmolLM2's does not)."""
+    from llmnb.checkpoint import bpe_as_hf
+
+    tok = bpe_as_hf(train_bpe(["to be or not to be, that is the question " * 40], 400, special_tokens=[ENDOFTEXT, *CHAT_TOKENS]))
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("which", ["smollm2", "bpe"])
+def test_a_folder_tokenizer_gives_what_auto_tokenizer_gives(which, tmp_path):
+    from llmnb.tokenizer import FolderTokenizer
+
+    folder = resolve_model("smollm2-135m-instruct") if which == "smollm2" else _bpe_folder(tmp_path)
+    light, auto = FolderTokenizer.open(folder), AutoTokenizer.from_pretrained(folder)
+    assert light is not None and len(light) == len(auto) and light.eos_token_id == auto.eos_token_id is not None
+    for text in CHAT_TEXTS:
+        ids = light.encode(text)
+        assert ids == auto.encode(text), text
+        for skip in (False, True):
+            assert light.decode(ids, skip_special_tokens=skip) == auto.decode(ids, skip_special_tokens=skip), (text, skip)
+    for chat in CHATS:
+        assert light.chat_ids(chat) == list(auto.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                                                     return_dict=True)["input_ids"])
+
+
+def test_a_folder_that_autotokenizer_reads_otherwise_is_left_to_it(tmp_path):
+    """Decoded text rewritten (clean_up_tokenization_spaces), or a tokenizer class of its own: AutoTokenizer's, even when light."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from llmnb.tokenizer import FolderTokenizer, hf_tokenizer
+
+    folder = _bpe_folder(tmp_path)
+    assert isinstance(hf_tokenizer(folder, light=True), FolderTokenizer) and not isinstance(hf_tokenizer(folder), FolderTokenizer)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    for change in [{"clean_up_tokenization_spaces": True}, {"tokenizer_class": "GPT2Tokenizer"}]:
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, **change}))
+        assert FolderTokenizer.open(folder) is None and not isinstance(hf_tokenizer(folder, light=True), FolderTokenizer)
+    assert FolderTokenizer.open(tmp_path / "nowhere") is None
+    with pytest.raises(ValueError, match="no chat template"):
+        FolderTokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), {}, None).chat_ids(CHATS[0])

@@ -118,8 +118,7 @@ def _generation_routes(app: FastAPI, served: Served) -> None:
             raise APIError(400, f"{served.name} has no chat template: use /v1/completions", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         await _moderate(served, "\n".join(m["content"] for m in messages if m["role"] == "user"), "messages")
-        prompt = list(served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+        prompt = served.chat_ids(messages)
         run = _start(served, body, prompt, body.max_completion_tokens or body.max_tokens,
                      (body.top_logprobs or 0) if body.logprobs else -1)
         shape = ChatShape(served, body, run)

@@ -12,6 +12,7 @@ import torch
 from .. import decoding
 from ..checkpoint import load
 from ..lora import load_adapter, merge_and_unload
+from ..tokenizer import FolderTokenizer
 from .metrics import Metrics
 from .moderation import Batched
 from .scheduler import Scheduler, Token
@@ -47,14 +48,14 @@ class Served:
     def load(self) -> None:
         """Load the model (merging an adapter), start the filter and the scheduler; then /health says ok."""
         filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
-        model, tokenizer = load(self.config.model)
+        model, tokenizer = load(self.config.model, light_tokenizer=True)  # no AutoTokenizer where the folder allows it: ~100 MB
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
         # bf16 where the CPU computes it natively, weights packed (a compiled step packs its own); a tied head stays tied
         decoding.prepare(model, self.config.dtype, pack=not self.config.compile)
         self.model, self.tokenizer = model, tokenizer
-        self.hf = hasattr(tokenizer, "apply_chat_template")
+        self.hf = isinstance(tokenizer, FolderTokenizer) or hasattr(tokenizer, "apply_chat_template")  # decode takes skip_special_tokens
         self.chat_template = bool(getattr(tokenizer, "chat_template", None))
         eos = {getattr(tokenizer, "eos_token_id", None), model.config.eos_token_id}
         self.stop_ids = frozenset(i for i in eos if i is not None)
@@ -92,6 +93,12 @@ class Served:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's ids for a chat, its template ending in the assistant's turn."""
+        if isinstance(self.tokenizer, FolderTokenizer):
+            return self.tokenizer.chat_ids(messages)
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
     def decode(self, ids: list[int], special: bool = False) -> str:
         """The text of `ids`; `special` keeps special tokens' text (an echoed chat prompt), else they are left out."""
