@@ -338,9 +338,9 @@ class FolderTokenizer:
     """A Hugging Face tokenizer folder read with `tokenizers` and transformers' own chat-template renderer alone.
 
     What a server asks of a tokenizer (encode, decode, a chat's prompt ids, the end token) without `AutoTokenizer`,
-    whose import chain (transformers' tokenizer classes, which import its kernel and accelerate integrations) held
-    about 100 MB of a server process. `open` gives None for a folder that `AutoTokenizer` would read otherwise;
-    tests/test_tokenizer.py checks that both give the same ids and text.
+    whose import chain (transformers' tokenizer classes import its kernel and accelerate integrations) cost a server
+    37 MB more than this on an int8 folder (benchmarks/README.md, issue 23). `open` gives None for a folder that
+    `AutoTokenizer` would read otherwise; tests/test_tokenizer.py checks that both give the same ids and text.
     """
     PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")  # classes that use tokenizer.json as it is
 

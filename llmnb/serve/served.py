@@ -48,7 +48,7 @@ class Served:
     def load(self) -> None:
         """Load the model (merging an adapter), start the filter and the scheduler; then /health says ok."""
         filter_loaded = Batched.start(self.config.moderation, self.config.moderation_threshold)  # in parallel with the model
-        model, tokenizer = load(self.config.model, light_tokenizer=True)  # no AutoTokenizer where the folder allows it: ~100 MB
+        model, tokenizer = load(self.config.model, light_tokenizer=True)  # no AutoTokenizer where the folder allows it: less memory
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
