@@ -122,7 +122,7 @@ class CompiledStep:
 
     def __init__(self, model: GPT):
         self.model = model
-        self.compiled = Compiled(self._logits, autotune=gemm_templates_safe())  # shapes fixed: each product's kernel is chosen once
+        self.compiled = Compiled(self._logits, autotune=autotunes(model))
         self.shapes: set[tuple[int, int]] = set()
 
     @property
@@ -175,6 +175,16 @@ def gemm_templates_safe() -> bool:
     # here, not at the top: importing Inductor takes a second, and only a compiled step needs it
     from torch._inductor.cpu_vec_isa import pick_vec_isa  # Inductor's own choice; it follows ATEN_CPU_CAPABILITY
     return "avx512" in str(pick_vec_isa())
+
+
+def autotunes(model: GPT, dynamic: bool = False) -> bool:
+    """Whether a compiled step of `model` (already in its decoding dtype) autotunes its products. Measured on the Xeon
+    of issue 23: with fixed shapes (`generate`) the templates won in bf16 and int8; in the server's dynamic-shape
+    step they are chosen at the build's sizes and slowed bf16 at 16 rows (92 -> 108 ms) while int8 gained at 1 and 16
+    rows. With fp32 activations the int8 template moved log-probabilities about as much as int8 rounding itself."""
+    bf16 = model.norm_f.weight.dtype == torch.bfloat16
+    int8 = (getattr(model, "quantization", None) or {}).get("scheme") == "int8"
+    return bf16 and (int8 or not dynamic) and gemm_templates_safe()
 
 
 def compiler_available() -> bool:

@@ -114,6 +114,32 @@ def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
     assert compiled.decoding().startswith("one compiled graph per step")
 
 
+@pytest.mark.long  # an autotuned build: about a minute on 2 cores
+@pytest.mark.cpu_paths  # the GEMM templates are AVX-512 code; on the lower path the step keeps ATen's kernels
+def test_an_int8_bf16_compiled_step_autotunes_its_products_and_serves_what_the_eager_one_does(model):
+    """The server's step autotunes int8 weights with bf16 activations only (bf16 weights slowed at 16 rows; with fp32
+    activations the int8 template moved log-probabilities as much as int8 rounding); it changes no token."""
+    import copy
+
+    from llmnb.decoding import gemm_templates_safe, prepare
+    from llmnb.quantize import quantize_model
+
+    int8 = quantize_model(copy.deepcopy(model), "int8")
+    assert not Scheduler(int8, max_batch=3, context=64, compile=True).graph.compiled.autotune  # fp32 activations
+    assert not Scheduler(prepare(copy.deepcopy(model), torch.bfloat16, pack=False), max_batch=3, context=64, compile=True).graph.compiled.autotune
+    prepare(int8, torch.bfloat16, pack=False)
+    compiled = Scheduler(int8, max_batch=3, context=64, compile=True)
+    assert compiled.graph.compiled.autotune == gemm_templates_safe()
+    with torch.no_grad():
+        compiled.graph.build(int8)
+    assert compiled.graph.ready, compiled.decoding()
+    tokens, logprobs = _joining_and_leaving(compiled)
+    assert not compiled.graph.compiled.failed, compiled.graph.compiled.failed
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(int8, max_batch=3, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=0.03, rtol=0)  # one bf16 step of a log-probability near -4.6
+
+
 def test_the_compiled_step_builds_in_the_background_while_serving_eagerly(model):
     s = Scheduler(model, max_batch=4, context=64, compile=True)
     s.start()

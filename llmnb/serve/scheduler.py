@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import pad_rows
-from ..decoding import Compiled, gemm_templates_safe, next_logits
+from ..decoding import Compiled, autotunes, next_logits
 from ..generate import sample
 from ..model import GPT, KVCache
 
@@ -136,10 +136,8 @@ class StepGraph:
     """
     MIN_ROWS = 2
 
-    def __init__(self, logits_fn):
-        # GEMM templates autotuned at the build's sizes: on the Xeon of issue 23 an int8 step at one row went from
-        # 24.5 to 20.2 ms and 16 rows from 84 to 81 ms, for a longer build
-        self.compiled = Compiled(logits_fn, dynamic=True, autotune=gemm_templates_safe())
+    def __init__(self, logits_fn, autotune: bool = False):
+        self.compiled = Compiled(logits_fn, dynamic=True, autotune=autotune)
         self.ready = False
 
     def build(self, model: GPT) -> None:
@@ -192,7 +190,7 @@ class Scheduler:
         self.model = model.eval()
         self.context = min(context or model.config.block_size, model.config.block_size)
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
-        self.graph = StepGraph(self._logits) if compile else None
+        self.graph = StepGraph(self._logits, autotune=autotunes(model, dynamic=True)) if compile else None
         # a compiled step computes at least MIN_ROWS rows: the padding row needs a (free) row of the cache
         self.cache = SlotCache(model, max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
