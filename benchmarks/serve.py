@@ -80,8 +80,7 @@ def main() -> None:
     def compiled_sweep(folder: str, server_name: str) -> None:
         with local_server(folder, "--max-batch", str(slots), "--compile", "--name", name, *common) as server:
             launched = time.perf_counter()
-            while "built in" not in (step := httpx.get(f"{server.url}/health").json()["decoding"]) and "eager:" not in step:
-                time.sleep(1)
+            step = server.wait_step()["decoding"]
             print(f"{server_name}: {step} ({time.perf_counter() - launched:.0f} s after /health first said 200)", flush=True)
             rows.extend(sweep(server.url, server_name))
             rss[server_name], served[server_name] = server.rss_bytes(), folder

@@ -129,6 +129,8 @@ def test_lm_eval_scores_the_served_model_as_it_scores_the_same_folder(server, tm
 def test_key_health_models_and_metrics(server, client):
     health = httpx.get(f"{server.url}/health").json()  # no key needed
     assert health["status"] == "ok" and health["decoding"].startswith(("bf16", "fp32"))  # says how it decodes (llmnb.decoding)
+    assert health["step"] == "eager"  # served without --compile: nothing to wait for (ServerProcess.wait_step)
+    assert server.wait_step(timeout=5) == health
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         reply = httpx.get(f"{server.url}/v1/models", headers=headers)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"

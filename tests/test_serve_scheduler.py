@@ -103,9 +103,10 @@ def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
     """One graph for every number of rows and cache length: one row (served as two), rows joining and leaving, a cache
     of other sizes than the one it was built on, all without compiling again (that would fail, and fall back)."""
     compiled = Scheduler(model, max_batch=max_batch, context=64, compile=True)
+    assert compiled.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
     with torch.no_grad():
         compiled.graph.build(model)  # the first build takes seconds for this model; later ones find dynamo's graph
-    assert compiled.graph.ready, compiled.decoding()
+    assert compiled.graph.ready and compiled.step_state() == "compiled", compiled.decoding()
     tokens, logprobs = _joining_and_leaving(compiled)
     assert not compiled.graph.compiled.failed, compiled.graph.compiled.failed
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=max_batch, context=64))
@@ -157,6 +158,7 @@ def test_without_a_compiler_the_server_step_stays_eager_and_says_so(model, monke
     with pytest.warns(UserWarning, match=r"no C\+\+ compiler .*; serving eagerly"):
         s.graph.build(model)
     assert not s.graph.ready and s.decoding() == "eager: no C++ compiler (g++, c++ or clang++) for Inductor"
+    assert s.step_state() == "eager"  # not "building": a client waiting for the compiled step stops waiting
     seq = submit(s, [3, 4], Sampling(4, temperature=0))
     run_until_idle(s)
     assert seq.tokens == alone(model, [3, 4], 4, temperature=0)

@@ -62,7 +62,8 @@ def _service_routes(app: FastAPI, served: Served) -> None:
     @app.get("/health")
     def health():
         if served.ready.is_set():
-            return {"status": "ok", "model": served.name, "decoding": f"{served.model.decoding}; step: {served.scheduler.decoding()}"}
+            return {"status": "ok", "model": served.name, "decoding": f"{served.model.decoding}; step: {served.scheduler.decoding()}",
+                    "step": served.scheduler.step_state()}
         status = {"status": "error", "error": served.load_error} if served.load_error else {"status": "loading"}
         return JSONResponse(status, status_code=503)
 

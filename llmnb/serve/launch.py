@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -55,6 +56,21 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"the server did not become healthy in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def wait_step(self, timeout: float = 900, headers: dict | None = None) -> dict:
+        """/health's answer once the decoding step is no longer "building" (`llmnb serve --compile` builds it in the
+        background, minutes on 2 cores, serving eagerly meanwhile); its "step" then says "compiled" or "eager"."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} while its step built:\n{self.log_tail()}")
+            with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=headers or {}), timeout=10) as r:
+                health = json.loads(r.read())
+            if health.get("step") != "building":
+                return health
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the compiled step was still building after {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(1)
 
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM (the server drains its requests), then SIGKILL after `timeout` seconds."""
