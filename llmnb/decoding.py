@@ -107,7 +107,9 @@ class Compiled:
         """Inductor's settings for the build: frozen weights, and the GEMM templates if asked for."""
         if not self.autotune:
             return {"freezing": True}
-        return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+        # and quietly: Inductor otherwise writes every product's timings to stderr, hundreds of lines in a notebook's output
+        return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 class CompiledStep:
