@@ -91,13 +91,10 @@ def main() -> None:
     folder = outputs_dir("benchmarks", "gguf")
     for qtype in ("F16", "Q8_0", "Q4_0"):
         path = gg.write_gguf(model, tokenizer, folder / f"model.{qtype}.gguf", qtype)
-        server = gg.llama_cpp_server(path, n_ctx=256)
-        request = {"prompt": prompt[0].tolist(), "max_tokens": args.tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
-        speed = max(server.handle_completions(request)["timings"]["predicted_per_second"] for _ in range(args.repeats + 1))
+        speed = gg.llama_cpp_decode_speed(path, prompt[0].tolist(), args.tokens, repeats=args.repeats)  # in a process of its own
         weights = gg.file_weights(model, qtype) if model.config.flavour == "llama" else model
         rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, "perplexity": evaluation.perplexity(weights, ids), "tokens/s": speed}
         print(f"llama.cpp {qtype}", rows[f"llama.cpp {qtype}"], flush=True)
-        del server
 
     print("\nwhere a decoding step's time goes (torch profiler, 16 tokens at batch 1):")
     matmul_ops = {"aten::mm", "aten::addmm", "aten::_weight_int8pack_mm"}

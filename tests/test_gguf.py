@@ -166,3 +166,16 @@ def test_llama_cpp_runs_a_model_whose_heads_were_pruned(tmp_path, tiny, chat_tok
     tokens, logprobs = ours.llama_cpp_greedy(ours.llama_cpp_server(path, n_ctx=128), prompt, 12)
     result = ours.agreement(ours.file_weights(small, "F16"), prompt, tokens, logprobs)
     assert len(tokens) and result["decided_agreement"] == 1.0 and result["max_logprob_gap"] < 0.05, result
+
+
+def test_llama_cpp_decode_speed_is_measured_in_a_process_of_its_own(tmp_path, tiny, chat_tokenizer, monkeypatch):
+    """Inside a process whose PyTorch has run, llama.cpp decoded at half its speed: the measurement spawns a fresh one."""
+    pytest.importorskip("xllamacpp")
+    path = ours.write_gguf(tiny, chat_tokenizer, tmp_path / "tiny.F32.gguf", "F32")
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("llama.cpp was started in the measuring process")
+
+    monkeypatch.setattr(ours, "llama_cpp_server", not_here)  # the spawned process imports its own, unpatched
+    speed = ours.llama_cpp_decode_speed(path, [1, 2, 3], 6, repeats=1)
+    assert 0 < speed < float("inf")
