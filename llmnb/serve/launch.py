@@ -43,15 +43,19 @@ class ServerProcess:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
+    def health(self, headers: dict | None = None, timeout: float = 10) -> dict:
+        """/health's answer; urllib.error.HTTPError unless it is 200."""
+        with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=headers or {}), timeout=timeout) as r:
+            return json.loads(r.read())
+
     def wait_healthy(self, timeout: float, headers: dict | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode} while starting:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=headers or {}), timeout=2) as r:
-                    if r.status == 200:
-                        return
+                self.health(headers, timeout=2)  # raises until /health answers 200 (503 while the model loads)
+                return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
@@ -64,8 +68,7 @@ class ServerProcess:
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode} while its step built:\n{self.log_tail()}")
-            with urllib.request.urlopen(urllib.request.Request(f"{self.url}/health", headers=headers or {}), timeout=10) as r:
-                health = json.loads(r.read())
+            health = self.health(headers, timeout=10)
             if health.get("step") != "building":
                 return health
             if time.monotonic() > deadline:
