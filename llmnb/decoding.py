@@ -78,10 +78,10 @@ class Compiled:
     and in int8 (ATen's int8 kernel lost every product), for about twice the compile time.
     """
 
-    def __init__(self, fn, dynamic: bool = False, autotune: bool = False):
+    def __init__(self, fn, autotune: bool = False):
         self.fn = fn
         self.autotune = autotune
-        self.graph = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+        self.graph = torch.compile(fn, fullgraph=True, dynamic=False)  # every call shape fixed: CompiledStep rounds the cache
         self.compile_seconds = 0.0
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
 
@@ -118,7 +118,7 @@ class CompiledStep:
     Every shape is fixed, so the KV cache is read whole, masked, and its length rounded up to
     `CACHE_ROUND` tokens: a new (batch, length) pair compiles once more (benchmarks/generation.py
     prints how long), counted in `compile_seconds`. The server's step is compiled once for every
-    batch and length instead (llmnb.serve.scheduler): its rows change every step.
+    batch and length instead, ahead of time (llmnb.serve.step): its rows change every step.
     """
     CACHE_ROUND = 64
 
@@ -179,14 +179,11 @@ def gemm_templates_safe() -> bool:
     return "avx512" in str(pick_vec_isa())
 
 
-def autotunes(model: GPT, dynamic: bool = False) -> bool:
-    """Whether a compiled step of `model` (already in its decoding dtype) autotunes its products. Measured on the Xeon
-    of issue 23: with fixed shapes (`generate`) the templates won in bf16 and int8; in the server's dynamic-shape
-    step they are chosen at the build's sizes and slowed bf16 at 16 rows (92 -> 108 ms) while int8 gained at 1 and 16
-    rows. With fp32 activations the int8 template moved log-probabilities about as much as int8 rounding itself."""
-    bf16 = model.norm_f.weight.dtype == torch.bfloat16
-    int8 = (getattr(model, "quantization", None) or {}).get("scheme") == "int8"
-    return bf16 and (int8 or not dynamic) and gemm_templates_safe()
+def autotunes(model: GPT) -> bool:
+    """Whether a compiled step of `model` (already in its decoding dtype) autotunes its products: in bf16, where the
+    templates won in bf16 and int8 on the Xeon of issue 23 (fixed shapes, `generate`). With fp32 activations the int8
+    template moved log-probabilities about as much as int8 rounding itself."""
+    return model.norm_f.weight.dtype == torch.bfloat16 and gemm_templates_safe()
 
 
 def compiler_available() -> bool:

@@ -90,7 +90,7 @@ class ServerProcess:
         return psutil.Process(self.process.pid).memory_info().rss
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: Linux sends it SIGTERM when the process that started it dies (a killed kernel too)."""
     if sys.platform == "linux":
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -103,7 +103,7 @@ def _start(args: list[str], port: int, timeout: float, threads: int | None, log:
     log = log or Path(tempfile.mkstemp(prefix="llmnb-server-", suffix=".log")[1])
     with open(log, "w") as out:
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   preexec_fn=_die_with_parent)
+                                   preexec_fn=die_with_parent)
     server = ServerProcess(process, port, log)
     atexit.register(server.stop)  # a notebook that stops early still leaves nothing running
     try:

@@ -11,11 +11,11 @@ A request that finishes hands its row to the last running request (one row copie
 rows stay packed. With `max_batch=1` the same server serves requests one after another:
 "batching off", the baseline the notebook and benchmarks/serve.py measure against.
 
-`compile=True`: the decoding step (every layer and the head, the cache writes included) becomes one
-Inductor graph for every number of rows and every cache length (`torch.compile` with dynamic shapes,
-weights frozen and packed for oneDNN; benchmarks/serve.py measures what it buys). It compiles on a
-thread of its own, on a small cache of its own, while the scheduler serves eagerly; the scheduler
-switches to it once it is built, and stays eager, with one warning, if it cannot be.
+`compile=True`: the decoding step (every layer and the head, the cache writes included) runs as one
+compiled library for every number of rows and every cache length (llmnb.serve.step: AOTInductor, built
+in a child process, reading the model's own weights; benchmarks/serve.py measures what it buys). It is
+found on disk or built while the scheduler serves eagerly; the scheduler switches to it once it is
+loaded, and stays eager, with one warning, if it cannot be.
 
 The scheduler runs the model in one background thread; `submit` and `cancel` are safe to call
 from any thread, and each request's tokens come back through its `emit` callback.
@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from .. import hardware
 from ..data import pad_rows
-from ..decoding import Compiled, autotunes, next_logits
 from ..generate import sample
 from ..model import GPT, KVCache
+from .step import DecodeStep, StepGraph, row_mask
 
 
 class QueueFull(RuntimeError):
@@ -108,87 +105,6 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-class _RowsStep:
-    """The cache as GPT.layers sees it for one decoding step of rows 0..n-1: row i writes its new key at its own
-    position `positions[i]`, then attention reads the first `length` positions of every row, masked per row.
-
-    Nothing here is a Python decision on a tensor's value, so the same code runs eagerly and inside the compiled graph.
-    """
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, length: int):
-        self.keys, self.values, self.positions, self.length = keys, values, positions, length
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = k.shape[0]
-        rows = torch.arange(n, device=k.device)
-        self.keys[layer][rows, :, self.positions] = k[:, :, 0]  # k: (n, n_kv, 1, hs)
-        self.values[layer][rows, :, self.positions] = v[:, :, 0]
-        return self.keys[layer][:n, :, :self.length], self.values[layer][:n, :, :self.length]
-
-
-class StepGraph:
-    """The scheduler's decoding step compiled once for any number of rows (2 or more) and any cache length.
-
-    Built on a thread of its own (`build`), on a cache of its own: dynamo traces with fake tensors and
-    reads the model without changing it, so the scheduler keeps serving eagerly meanwhile. Every size
-    is marked dynamic and given a distinct value in the build, so none is specialised or tied to
-    another; one row is served as two (a free row computes beside it): a dimension of size 1 would be
-    specialised into a graph of its own.
-    """
-    MIN_ROWS = 2
-
-    def __init__(self, logits_fn, autotune: bool = False):
-        self.compiled = Compiled(logits_fn, dynamic=True, autotune=autotune)
-        self.ready = False
-
-    def build(self, model: GPT) -> None:
-        """Compile the graph (minutes for a real model on 2 cores); a failure warns once (`Compiled`) and leaves it eager."""
-        if self.compiled.failed:  # no compiler: nothing to build, and Compiled would not say so
-            warnings.warn(f"llmnb.serve: {self}; serving eagerly")
-            return
-        c, (rows, slots, length, context) = model.config, (3, 5, 11, 13)
-        dtype, device = model.norm_f.weight.dtype, model.norm_f.weight.device
-        keys = [torch.zeros(slots, c.n_kv_head, context, c.head_dim, dtype=dtype, device=device) for _ in range(c.n_layer)]
-        values = [torch.zeros_like(k) for k in keys]
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        positions = torch.arange(rows, device=device)
-        mask = _mask(positions, length)
-        for t, dims in [(tokens, [0]), (positions, [0]), (mask, [0, 3])] + [(t, [0, 2]) for t in keys + values]:
-            torch._dynamo.mark_dynamic(t, dims)
-        self.compiled(tokens, positions, mask, keys, values, compiles=True)
-        # the build's freed temporaries (Inductor's IR, autotuning's buffers) stay in the heap otherwise: the int8 server's
-        # step, built in a bare process, held 1347 MB resident after its build and 1200 MB after this
-        hardware.release_freed_memory()
-        self.ready = not self.compiled.failed
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys, values) -> torch.Tensor:
-        n = tokens.shape[0]
-        pad = max(0, self.MIN_ROWS - n)  # the padding rows write at position 0 of free rows, which a prefill overwrites
-        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
-        # a call that does not fit the graph built must not compile another in the middle of serving (a minute or
-        # more): it fails instead, and the step falls back to eager, once warned
-        with torch.compiler.set_stance("fail_on_recompile"):
-            return self.compiled(tokens, positions, _mask(positions, int(positions.max()) + 1), keys, values)[:n]
-
-    @property
-    def state(self) -> str:
-        """"compiled", "building" (served eagerly meanwhile) or "eager" (no graph: `compiled.failed` says why)."""
-        return "eager" if self.compiled.failed else "compiled" if self.ready else "building"
-
-    def __str__(self) -> str:
-        if self.state == "eager":
-            return f"eager: {self.compiled.failed}"
-        if self.state == "building":
-            return "eager while the compiled step builds"
-        return f"one compiled graph per step, any rows and length (built in {self.compiled.compile_seconds:.0f} s)"
-
-
-def _mask(positions: torch.Tensor, length: int) -> torch.Tensor:
-    """(n, 1, 1, length): row i sees positions 0 .. positions[i]."""
-    columns = torch.arange(length, device=positions.device)
-    return (columns[None, :] <= positions[:, None])[:, None, None, :]
-
-
 class Scheduler:
     """Runs `model` for every submitted Sequence, `max_batch` at a time, in a background thread."""
 
@@ -199,7 +115,8 @@ class Scheduler:
         self.model = model.eval()
         self.context = min(context or model.config.block_size, model.config.block_size)
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
-        self.graph = StepGraph(self._logits, autotune=autotunes(model, dynamic=True)) if compile else None
+        self.graph = StepGraph(model) if compile else None
+        self.eager = DecodeStep(model)
         # a compiled step computes at least MIN_ROWS rows: the padding row needs a (free) row of the cache
         self.cache = SlotCache(model, max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
@@ -290,17 +207,13 @@ class Scheduler:
         if self.graph is not None and self.graph.ready:
             logits = self.graph(last, positions, self.cache.keys, self.cache.values)
         else:
-            logits = self._logits(last, positions, _mask(positions, int(positions.max()) + 1), self.cache.keys, self.cache.values)
+            logits = self.eager(last, positions, row_mask(positions, int(positions.max()) + 1), self.cache.keys, self.cache.values)
         self.cache.lengths[:n] += 1
         tokens = self._sample(logits)
         for i in reversed(range(n)):  # backwards: retiring row i moves the last row into it
             self._advance(i, tokens[i])
         self._gauges()
         return n
-
-    def _logits(self, tokens, positions, mask, keys, values) -> torch.Tensor:
-        """(n, vocab) fp32 logits of each row's next token; writes each row's new keys and values at its position."""
-        return next_logits(self.model, tokens, positions[:, None], mask, _RowsStep(keys, values, positions, mask.shape[-1]))
 
     def _admit(self) -> list[Sequence]:
         """Waiting requests for the free rows, first come first served, up to `prefill_tokens` padded tokens together."""

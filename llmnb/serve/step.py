@@ -1,0 +1,233 @@
+"""The scheduler's decoding step, compiled ahead of time: one shared library for any number of rows and any cache
+length, built in a process of its own, reading the weights the server already holds.
+
+    graph = StepGraph(model)                           # Scheduler(model, compile=True) makes one
+    graph.build(model)                                 # the first time: a child process exports the step and
+                                                       # AOTInductor compiles it (a minute for SmolLM2 on 2 cores);
+                                                       # later: loaded from outputs/cache/steps/ in about a second
+    logits = graph(tokens, positions, keys, values)    # (n, vocab) fp32; writes each row's new key and value
+
+Why ahead of time, and elsewhere (issue 23): built inside the server (`torch.compile` with frozen weights), the int8
+SmolLM2 server's step held 1200 MB resident where weights and KV cache are 326 MB. The extra was Inductor's own
+state and a second, packed copy of every weight matrix. Here the server holds only the library (a few MB; its
+weights are not in it) and hands it pointers to the model's own tensors (`load_constants(..., user_managed=True)`).
+No weight is stored twice, no compiler state stays in the server, and a restarted server finds its library on disk.
+The cost: without frozen weights Inductor cannot autotune the products against them, so each product keeps
+ATen's kernel (benchmarks/README.md measures both).
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import hashlib
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..decoding import compiler_available, next_logits
+from ..model import GPT
+from ..paths import outputs_dir
+from .launch import die_with_parent
+
+# Inductor's settings for the library: weights are inputs the server hands over at load (not frozen in, not in the .so)
+OPTIONS = {"freezing": False, "aot_inductor.package_constants_in_so": False}
+_CHILDREN: set[subprocess.Popen] = set()  # builds under way: a server that exits stops them (atexit below; killed: die_with_parent)
+
+
+class RowsCache:
+    """The cache as GPT.layers sees it for one decoding step of rows 0..n-1: row i writes its new key at its own
+    position `positions[i]`, then attention reads the first `length` positions of every row, masked per row.
+
+    Nothing here is a Python decision on a tensor's value, so the same code runs eagerly and in the compiled library.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], positions: torch.Tensor, length: int):
+        self.keys, self.values, self.positions, self.length = keys, values, positions, length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[0]
+        rows = torch.arange(n, device=k.device)
+        self.keys[layer][rows, :, self.positions] = k[:, :, 0]  # k: (n, n_kv, 1, hs)
+        self.values[layer][rows, :, self.positions] = v[:, :, 0]
+        return self.keys[layer][:n, :, :self.length], self.values[layer][:n, :, :self.length]
+
+
+def row_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(n, 1, 1, length): row i sees positions 0 .. positions[i]."""
+    columns = torch.arange(length, device=positions.device)
+    return (columns[None, :] <= positions[:, None])[:, None, None, :]
+
+
+class DecodeStep(nn.Module):
+    """One decoding step of rows 0..n-1 as a module: the eager step, and what torch.export traces."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """(n, vocab) fp32 logits of each row's next token after `tokens` (n, 1) at `positions` (n,)."""
+        return next_logits(self.model, tokens, positions[:, None], mask, RowsCache(keys, values, positions, mask.shape[-1]))
+
+
+def weights(step: DecodeStep) -> dict[str, torch.Tensor]:
+    """Every tensor the library reads, by its name in the step, a tied one under each of its names."""
+    return {**dict(step.named_parameters(remove_duplicate=False)), **dict(step.named_buffers(remove_duplicate=False))}
+
+
+def library_path(step: DecodeStep) -> Path:
+    """Where the library of this step lives: named by everything its code depends on and nothing its weights hold.
+
+    The key: every weight's name, shape and dtype; the source of every module class in the model and of this file;
+    torch's version; the vector ISA Inductor writes C++ for (it follows ATEN_CPU_CAPABILITY). A fine-tune of the
+    same architecture finds its base model's library; a changed model.py builds a new one.
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # here: Inductor's ISA choice, for the key only
+
+    classes = sorted({type(m) for m in step.modules()}, key=lambda c: c.__qualname__)
+    sources = sorted({inspect.getsourcefile(c) or "" for c in classes} | {__file__})
+    key = hashlib.sha256()
+    for name, t in sorted(weights(step).items()):
+        key.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    for path in sources:
+        key.update(Path(path).read_bytes() if Path(path).is_file() else path.encode())
+    key.update(f"{torch.__version__}|{pick_vec_isa()}|{os.environ.get('ATEN_CPU_CAPABILITY', '')}".encode())
+    return outputs_dir("cache", "steps") / f"{key.hexdigest()[:24]}.pt2"
+
+
+def export(step: DecodeStep) -> torch.export.ExportedProgram:
+    """The step traced for any rows (2 or more), cache slots, mask length and cache positions.
+
+    The example gives each size a distinct value above 1: one of 0 or 1, or two equal, would be specialised or tied."""
+    c, dtype = step.model.config, step.model.norm_f.weight.dtype
+    rows, length = torch.export.Dim("rows", min=2), torch.export.Dim("length", min=2)
+    slots, positions = torch.export.Dim("slots", min=2), torch.export.Dim("positions", min=2)
+    keys = [torch.zeros(5, c.n_kv_head, 13, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]  # (slots, n_kv, positions, hs)
+    values = [torch.zeros_like(k) for k in keys]
+    at = torch.arange(3) + 4
+    cache = [{0: slots, 2: positions}] * c.n_layer
+    return torch.export.export(step, (torch.zeros(3, 1, dtype=torch.long), at, row_mask(at, 11), keys, values),
+                               dynamic_shapes=({0: rows}, {0: rows}, {0: rows, 3: length}, cache, cache))
+
+
+def compile_library(step: DecodeStep, path: Path) -> None:
+    """Export `step` and build its library at `path`, in a child process: the compiler's memory never joins the
+    server's. The child gets the step's structure only (on the meta device): the weights' values are not in the library."""
+    memo = {id(p): nn.Parameter(p.to("meta"), requires_grad=False) for p in step.parameters()}
+    memo |= {id(b): b.to("meta") for b in step.buffers()}
+    memo[id(getattr(step.model, "decoding", None))] = None  # what prepare() did: not needed, and holds graphs
+    with tempfile.TemporaryDirectory() as folder:
+        request = Path(folder) / "step.pt"
+        torch.save(copy.deepcopy(step, memo), request)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(path)], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+        _CHILDREN.add(child)
+        try:
+            _, err = child.communicate()
+        finally:
+            _CHILDREN.discard(child)
+    if child.returncode != 0:
+        lines = [line for line in err.splitlines() if line.strip()]
+        raise RuntimeError(f"building the step's library failed (exit {child.returncode}): {lines[-1] if lines else 'no message'}")
+
+
+@atexit.register
+def _stop_children() -> None:
+    for child in list(_CHILDREN):
+        child.kill()
+
+
+class StepGraph:
+    """The scheduler's decoding step as one compiled library, for any number of rows (2 or more) and any cache.
+
+    `build` finds the library on disk or has a child process compile it (`compile_library`), then loads it; the
+    scheduler serves eagerly meanwhile. One row is served as two (a free row computes beside it): the library takes
+    2 rows or more, as a size of 1 would have been specialised. Any failure, building or calling, warns once and
+    leaves the step eager (`failed` says why).
+    """
+    MIN_ROWS = 2
+
+    def __init__(self, model: GPT):
+        self.step = DecodeStep(model)
+        self.runner = None
+        self.compile_seconds = 0.0  # 0 when the library was found on disk
+        self.path: Path | None = None
+        self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
+
+    def build(self, model: GPT) -> None:
+        """Find or compile the library, and load it with the model's own weights."""
+        if self.failed:  # no compiler: nothing to build
+            warnings.warn(f"llmnb.serve: {self}; serving eagerly")
+            return
+        try:
+            self.path = library_path(self.step)
+            if not self.path.is_file():
+                start = time.perf_counter()
+                compile_library(self.step, self.path)
+                self.compile_seconds = time.perf_counter() - start
+            runner = torch._inductor.aoti_load_package(str(self.path))
+            # pointers to the model's tensors, kept alive by the model: no copy
+            runner.load_constants(weights(self.step), check_full_update=True, user_managed=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
+            self._fail(exc)
+            return
+        self.runner = runner
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        n = tokens.shape[0]
+        pad = max(0, self.MIN_ROWS - n)  # the padding rows write at position 0 of free rows, which a prefill overwrites
+        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
+        mask = row_mask(positions, int(positions.max()) + 1)
+        if self.runner is not None:
+            try:
+                return self.runner(tokens, positions, mask, keys, values)[:n]
+            except Exception as exc:  # noqa: BLE001 - a call the library refuses: this step and every later one eagerly
+                self._fail(exc)
+        return self.step(tokens, positions, mask, keys, values)[:n]
+
+    def _fail(self, exc: Exception) -> None:
+        self.runner = None
+        self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        warnings.warn(f"llmnb.serve: the compiled step failed ({self.failed}); serving eagerly", stacklevel=3)
+
+    @property
+    def ready(self) -> bool:
+        return self.runner is not None
+
+    @property
+    def state(self) -> str:
+        """"compiled", "building" (served eagerly meanwhile) or "eager" (no library: `failed` says why)."""
+        return "eager" if self.failed else "compiled" if self.ready else "building"
+
+    def __str__(self) -> str:
+        if self.state == "eager":
+            return f"eager: {self.failed}"
+        if self.state == "building":
+            return "eager while the compiled step builds"
+        how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
+        return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length ({how})"
+
+
+def _main(request: str, path: str) -> None:
+    """The child's work: the step from `request` (meta weights), exported and compiled to `path`."""
+    step = torch.load(request, weights_only=False).to_empty(device="cpu")  # values unused: the server hands over its own
+    with torch.no_grad():
+        program = export(step)
+    partial = f"{path.removesuffix('.pt2')}.{os.getpid()}.partial.pt2"  # two servers building one library: each replaces it whole
+    torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=OPTIONS)
+    os.replace(partial, path)
+
+
+if __name__ == "__main__":
+    _main(*sys.argv[1:])

@@ -1,0 +1,126 @@
+"""The server's compiled step (llmnb.serve.step): one library for any rows and cache, built in a child process, reading
+the model's own weights; the same tokens as the eager step, and eager, with one warning, whenever it cannot be had."""
+import copy
+
+import pytest
+import torch
+
+from llmnb.model import GPT, GPTConfig
+from llmnb.serve import step
+from llmnb.serve.scheduler import Sampling, Scheduler
+from llmnb.serve.step import DecodeStep, library_path, row_mask
+from test_serve_scheduler import alone, model, run_until_idle, submit  # noqa: F401 - `model` is a fixture
+
+ROWS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 8, 7, 6, 5]]
+
+
+def _joining_and_leaving(scheduler):
+    """Requests of different lengths joining mid-flight and finishing at different steps: each row's tokens and log-probabilities."""
+    seqs = []
+    for prompt, n in zip(ROWS, [12, 5, 1, 7]):
+        seqs.append(submit(scheduler, prompt, Sampling(n, temperature=0, top_logprobs=2)))
+        scheduler.step()
+    run_until_idle(scheduler)
+    return [seq.tokens for seq in seqs], torch.tensor([e.logprob for seq in seqs for e in seq.events])
+
+
+def _built(model, max_batch=3) -> Scheduler:
+    s = Scheduler(model, max_batch=max_batch, context=64, compile=True)
+    assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
+    s.graph.build(model)
+    assert s.graph.ready and s.step_state() == "compiled", s.decoding()
+    return s
+
+
+@pytest.mark.cpu_paths  # Inductor writes its C++ for the processor's vector ISA: run again on the lower path
+@pytest.mark.parametrize("max_batch", [1, 3])
+def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
+    """One library for every number of rows and every cache: one row (served as two), rows joining and leaving, caches
+    of 2 and 3 slots; a call it refused would fall back to eager and set `failed`."""
+    compiled = _built(model, max_batch)
+    tokens, logprobs = _joining_and_leaving(compiled)
+    assert not compiled.graph.failed, compiled.graph.failed
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=max_batch, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
+    assert compiled.decoding().startswith("one compiled library per step")
+
+
+def test_a_second_server_finds_the_library_on_disk(model):
+    _built(model)
+    again = _built(model)  # a restarted server: nothing compiled
+    assert again.graph.compile_seconds == 0 and "found in" in again.decoding(), again.decoding()
+
+
+def test_the_library_reads_the_models_own_tensors_no_copy(model):
+    """Weights changed in place after loading change what the library computes: it holds pointers, not a copy."""
+    changed = copy.deepcopy(model)
+    graph = _built(changed).graph
+    tokens, positions = torch.tensor([[3], [9]]), torch.tensor([2, 5])
+    c = changed.config
+    cache = lambda: [torch.randn(2, c.n_kv_head, 8, c.head_dim, generator=torch.Generator().manual_seed(i)) for i in range(c.n_layer)]  # noqa: E731
+    before = graph(tokens, positions, cache(), cache())
+    with torch.no_grad():
+        changed.blocks[1].mlp.down_proj.weight.mul_(3.0)
+        changed.wte.weight[3] += 1.0  # the tied head too
+    after = graph(tokens, positions, cache(), cache())
+    eager = DecodeStep(changed)(tokens, positions, row_mask(positions, 6), cache(), cache())
+    assert (after - before).abs().max() > 0.1
+    torch.testing.assert_close(after, eager, atol=1e-5, rtol=0)
+
+
+def test_the_librarys_name_follows_the_code_and_shapes_not_the_weights(model, monkeypatch):
+    other_weights = GPT(model.config).eval()
+    assert library_path(DecodeStep(other_weights)) == library_path(DecodeStep(model))
+    deeper = GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32)).eval()
+    assert library_path(DecodeStep(deeper)) != library_path(DecodeStep(model))
+    assert library_path(DecodeStep(copy.deepcopy(model).to(torch.bfloat16))) != library_path(DecodeStep(model))
+    here = library_path(DecodeStep(model))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # another kernel path: another library
+    assert library_path(DecodeStep(model)) != here
+
+
+def test_an_int8_model_with_bf16_activations_serves_what_its_eager_step_does(model):
+    from llmnb.decoding import prepare
+    from llmnb.quantize import quantize_model
+
+    int8 = prepare(quantize_model(copy.deepcopy(model), "int8"), torch.bfloat16, pack=False)
+    tokens, logprobs = _joining_and_leaving(_built(int8))
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(int8, max_batch=3, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=0.03, rtol=0)  # one bf16 step of a log-probability near -4.6
+
+
+def test_a_failed_build_says_why_and_serves_eagerly(model, monkeypatch, tmp_path):
+    monkeypatch.setattr(step, "library_path", lambda _: tmp_path / "step.pt2")  # nothing on disk: the child builds
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # Inductor's compiler, in the child
+    s = Scheduler(model, max_batch=2, context=64, compile=True)
+    with pytest.warns(UserWarning, match=r"the compiled step failed \(RuntimeError: building the step's library failed .*\); serving eagerly"):
+        s.graph.build(model)
+    assert s.step_state() == "eager" and s.decoding().startswith("eager: RuntimeError")
+    assert not (tmp_path / "step.pt2").exists()
+    seq = submit(s, [3, 4], Sampling(4, temperature=0))
+    run_until_idle(s)
+    assert seq.tokens == alone(model, [3, 4], 4, temperature=0)
+
+
+def test_without_a_compiler_the_server_step_stays_eager_and_says_so(model, monkeypatch):
+    monkeypatch.setattr(step, "compiler_available", lambda: False)
+    s = Scheduler(model, max_batch=2, context=64, compile=True)
+    with pytest.warns(UserWarning, match=r"no C\+\+ compiler .*; serving eagerly"):
+        s.graph.build(model)
+    assert not s.graph.ready and s.decoding() == "eager: no C++ compiler (g++, c++ or clang++) for Inductor"
+    assert s.step_state() == "eager"  # not "building": a client waiting for the compiled step stops waiting
+    seq = submit(s, [3, 4], Sampling(4, temperature=0))
+    run_until_idle(s)
+    assert seq.tokens == alone(model, [3, 4], 4, temperature=0)
+
+
+def test_the_compiled_step_builds_in_the_background_while_serving_eagerly(model):
+    s = Scheduler(model, max_batch=4, context=64, compile=True)
+    s.start()
+    seqs = [submit(s, [i + 1, i + 2], Sampling(5, temperature=0)) for i in range(6)]
+    s.stop()
+    s.builder.join()  # no build left running into the next tests
+    assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
+    assert s.graph.ready, s.decoding()
