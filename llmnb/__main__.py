@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                          help="decoding precision (default auto: bf16 where the CPU has AVX-512 BF16 or AMX, else fp32)")
     serve_p.add_argument("--compile", action="store_true",
-                         help="decode with one compiled graph per step (built in the background for minutes, eager "
-                              "meanwhile; then faster decoding and one more copy of the weights in memory: benchmarks/serve.py)")
+                         help="decode with one compiled library per step (the first time built in the background for a minute or "
+                              "two, eager meanwhile; kept in outputs/cache/steps/ for the next start; it reads the model's "
+                              "own weights: benchmarks/serve.py)")
     gguf_p = sub.add_parser("serve-gguf", help="serve a GGUF file with llama.cpp's own server (xllamacpp)")
     gguf_p.add_argument("gguf")
     gguf_p.add_argument("--host", default="127.0.0.1")

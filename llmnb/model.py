@@ -19,8 +19,10 @@ bridge. Sampling lives in `llmnb.generate`; `token_logprobs` scores given text.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -420,6 +422,30 @@ class GPT(nn.Module):
 
     def kv_cache_bytes_per_token(self, dtype: str = "fp32") -> float:
         return self.config.shape().kv_cache_bytes_per_token(dtype)
+
+
+# every nn.init function a module's constructor may call (nn.Linear, nn.Embedding, the norms, GPT's own init)
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Modules built inside keep their weights undrawn: a skeleton for `load_state_dict` to fill.
+
+    Their tensors are `torch.empty`: reserved, never written, so not resident until loaded into. Why not the meta
+    device: building a GPT on it runs PyTorch's Python reference ops (arange, normal_), which import torch._dynamo and
+    sympy, about 70 MB that a server loading a quantized model then keeps resident. The nn.init functions are
+    no-ops meanwhile, in every thread: build nothing else while this is open.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .generate import generate
 from .lora import adapters
-from .model import GPT, GPTConfig, rope_tables, swap_module
+from .model import GPT, GPTConfig, empty_weights, swap_module
 from .paths import write_atomic
 from .tokenizer import hf_tokenizer
 
@@ -363,22 +363,20 @@ def quantize_model(model: GPT, scheme: str, group_size: int = 64) -> GPT:
 
 
 def _as_linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    with empty_weights():
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return linear
 
 
 def _empty_quantized(config: GPTConfig, scheme: str, group_size: int) -> GPT:
     """A quantized GPT of `config` with empty buffers, to load a state dict into (nothing quantized twice)."""
-    with torch.device("meta"):
+    with empty_weights():  # nothing drawn, and the full-precision matrices replaced below are never written
         model = GPT(config)
-    for name, linear in _quantizable(model):
-        swap_module(model.blocks, name, QuantLinear.create(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size))
-    model.lm_head = QuantLinear.create("int8", config.n_embd, config.vocab_size, False)
-    model.wte = QuantEmbedding(model.lm_head) if config.tie_embeddings else QuantEmbedding(num=config.vocab_size, dim=config.n_embd)
-    model.to_empty(device="cpu")
-    if config.flavour == "llama":  # the rope tables are not saved: recompute them
-        model.rope_cos, model.rope_sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+        for name, linear in _quantizable(model):
+            swap_module(model.blocks, name, QuantLinear.create(scheme, linear.in_features, linear.out_features, linear.bias is not None, group_size))
+        model.lm_head = QuantLinear.create("int8", config.n_embd, config.vocab_size, False)
+        model.wte = QuantEmbedding(model.lm_head) if config.tie_embeddings else QuantEmbedding(num=config.vocab_size, dim=config.n_embd)
     model.quantization = {"scheme": scheme, "group_size": group_size}
     return model
 

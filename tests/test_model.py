@@ -118,6 +118,20 @@ def test_init_scales_residual_projections():
     assert big.blocks[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def test_empty_weights_builds_an_undrawn_skeleton_and_puts_init_back():
+    init = torch.nn.init.normal_
+    with pytest.raises(RuntimeError, match="inside"):
+        with M.empty_weights():
+            torch.manual_seed(0)
+            state = torch.random.get_rng_state()
+            skeleton = M.GPT(M.GPTConfig.llama(vocab_size=100, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+            assert torch.equal(torch.random.get_rng_state(), state), "a weight was drawn"
+            raise RuntimeError("inside")
+    assert torch.nn.init.normal_ is init, "nn.init is put back, even after an error"
+    assert skeleton.rope_cos.abs().max() == 1.0  # what is computed, not drawn, is there
+    skeleton.load_state_dict(M.GPT(skeleton.config).state_dict())  # and the rest is filled by a state dict
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from transformers import AutoTokenizer

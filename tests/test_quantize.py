@@ -132,6 +132,19 @@ def test_saved_quantized_models_load_back_identical_and_refuse_another_scheme(tm
         q.load_quantized(tmp_path)
 
 
+def test_a_quantized_folder_loads_without_importing_the_compiler(tmp_path, tiny_llama, chat_tokenizer):
+    """The skeleton load_quantized fills is built without the meta device: PyTorch's reference ops for meta tensors
+    import torch._dynamo and sympy, about 70 MB that a server loading int8 SmolLM2 kept resident."""
+    import subprocess
+    import sys
+
+    folder = q.save_quantized(q.quantize_model(copy.deepcopy(tiny_llama), "int8"), chat_tokenizer, tmp_path / "m")
+    code = ("import sys; from llmnb.quantize import load_quantized; load_quantized(sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
+
+
 def test_quantizing_twice_or_with_adapters_is_refused(tiny_llama):
     from llmnb import lora
 

@@ -1,4 +1,6 @@
 """Continuous batching gives each request exactly what it would get alone (llmnb.generate, batch 1, its own KV cache)."""
+import threading
+
 import torch
 
 from llmnb.generate import generate
@@ -84,6 +86,23 @@ def test_background_thread_serves_and_stops(model):
     seqs = [submit(s, [i + 1, i + 2], Sampling(5, temperature=0)) for i in range(6)]
     s.stop()  # finishes what was submitted first
     assert [seq.tokens for seq in seqs] == [alone(model, [i + 1, i + 2], 5, temperature=0) for i in range(6)]
+
+
+def test_an_idle_scheduler_hands_its_free_heap_pages_back(model, monkeypatch):
+    """After its last request the model thread trims the heap (malloc_trim) before it waits: the server's resident
+    memory then reads what it holds, not its busiest moment."""
+    from llmnb import hardware
+
+    events, trimmed = [], threading.Event()
+    monkeypatch.setattr(hardware, "trim_heap", lambda: (events.append("trim"), trimmed.set()))
+    s = Scheduler(model, max_batch=2, context=64).start()
+    trimmed.wait(5)  # the first idle moment: before any request
+    trimmed.clear()
+    seq = Sequence([1, 2], Sampling(3, temperature=0), emit=lambda token: events.append(token.finish or "token"))
+    s.submit(seq)
+    assert trimmed.wait(10), "no trim after the request finished"
+    s.stop()
+    assert events.index("length") < len(events) - 1 - events[::-1].index("trim"), events
 
 
 def test_a_served_adapter_is_merged_onto_its_base(tmp_path):

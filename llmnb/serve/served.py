@@ -31,7 +31,7 @@ class ServeConfig:
     moderation: str = "profanity"
     moderation_threshold: float | None = None
     dtype: str = "auto"  # decoding precision: "auto" (bf16 where the CPU computes it natively), "float32", "bfloat16"
-    compile: bool = False  # the decoding step as one compiled graph, built in the background (scheduler.StepGraph)
+    compile: bool = False  # the decoding step as one compiled library, found on disk or built in the background (serve.step.StepGraph)
 
 
 class Served:
@@ -52,7 +52,7 @@ class Served:
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
-        # bf16 where the CPU computes it natively, weights packed (a compiled step packs its own); a tied head stays tied
+        # bf16 where the CPU computes it natively, weights packed (the compiled step reads them in PyTorch's plain layout); a tied head stays tied
         decoding.prepare(model, self.config.dtype, pack=not self.config.compile)
         self.model, self.tokenizer = model, tokenizer
         self.hf = isinstance(tokenizer, FolderTokenizer) or hasattr(tokenizer, "apply_chat_template")  # decode takes skip_special_tokens
