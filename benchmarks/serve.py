@@ -7,8 +7,8 @@ Each server runs alone, in its own process, one after another (on 2 cores, two a
 both). Clients are real HTTP clients streaming server-sent events (llmnb.serve.loadtest); every
 request asks for exactly --max-tokens tokens. Ours run without the safety filter (llama.cpp has none), plus one
 point with it at 16 clients, to show its cost. "ours, compiled" is `llmnb serve --compile` (the step one
-Inductor graph, built in the background after the server is ready; its sweep starts once /health says
-it is built, and the build time is printed); `--int8` adds ours, eager and compiled, on notebook 06's int8
+library compiled ahead of time, built in the background after the server is ready, or found in outputs/cache/steps/;
+its sweep starts once /health says it is loaded, and how long that took is printed); `--int8` adds ours, eager and compiled, on notebook 06's int8
 weights (llama.cpp keeps F16). Prints the table, and the ratios the issues target: at 16 clients batching
 on / off (>= 4x), ours / llama.cpp (>= 1.0x); at 1 client the time per token (<= 1.3x llama.cpp's); each
 server's resident memory against its weights and KV cache.
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled server (it builds for about 3 minutes on 2 cores)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled server (its first build takes a minute or two on 2 cores)")
     parser.add_argument("--int8", action="store_true", help="also serve the model in notebook 06's int8 (eager and, unless --no-compile, "
                                                             "compiled); llama.cpp keeps the F16 file")
     args = parser.parse_args()
