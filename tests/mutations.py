@@ -164,7 +164,7 @@ MUTATIONS = [
              "tokens, positions = F.pad(tokens, (0, 0, pad, 0)), F.pad(positions, (pad, 0))",
              ("tests/test_serve_step.py::test_a_compiled_step_serves_what_the_eager_one_does",)),
     Mutation("compiled server step: the library copies the weights it is handed (a second copy in memory)", "llmnb/serve/step.py",
-             "check_full_update=True, user_managed=True)", "check_full_update=True, user_managed=False)",
+             "False, True, user_managed=True)", "False, True, user_managed=False)",
              ("tests/test_serve_step.py::test_the_library_reads_the_models_own_tensors_no_copy",)),
     Mutation("a finished request's row not handed to the last one", "llmnb/serve/scheduler.py", "            self.cache.move(last, row)", "            pass",
              (S + "test_requests_joining_and_leaving_get_what_they_would_alone",)),

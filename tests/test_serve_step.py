@@ -69,6 +69,20 @@ def test_the_library_reads_the_models_own_tensors_no_copy(model):
     torch.testing.assert_close(after, eager, atol=1e-5, rtol=0)
 
 
+def test_a_server_loads_its_library_without_the_compilers_python_side():
+    """The server process only loads the library: dynamo and sympy (80 MB resident) stay out of it; the child compiles."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from llmnb.model import GPT, GPTConfig; from llmnb.serve.scheduler import Scheduler; "
+            "m = GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval(); "
+            "s = Scheduler(m, max_batch=2, context=64, compile=True); s.graph.build(m); assert s.graph.ready, s.decoding(); "
+            "print(sorted(x for x in ('torch._dynamo', 'torch._inductor', 'sympy') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_the_librarys_name_follows_the_code_and_shapes_not_the_weights(model, monkeypatch):
     other_weights = GPT(model.config).eval()
     assert library_path(DecodeStep(other_weights)) == library_path(DecodeStep(model))

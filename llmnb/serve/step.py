@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import hardware
 from ..decoding import compiler_available, next_logits
 from ..model import GPT
 from ..paths import outputs_dir
@@ -89,11 +90,10 @@ def library_path(step: DecodeStep) -> Path:
     """Where the library of this step lives: named by everything its code depends on and nothing its weights hold.
 
     The key: every weight's name, shape and dtype; the source of every module class in the model and of this file;
-    torch's version; the vector ISA Inductor writes C++ for (it follows ATEN_CPU_CAPABILITY). A fine-tune of the
-    same architecture finds its base model's library; a changed model.py builds a new one.
+    the processor, torch's version and the kernel switches (Inductor writes C++ for the vector ISA they allow); the
+    threads (its parallel loops are compiled for a number of them). A fine-tune of the same architecture finds its
+    base model's library; a changed model.py builds a new one.
     """
-    from torch._inductor.cpu_vec_isa import pick_vec_isa  # here: Inductor's ISA choice, for the key only
-
     classes = sorted({type(m) for m in step.modules()}, key=lambda c: c.__qualname__)
     sources = sorted({inspect.getsourcefile(c) or "" for c in classes} | {__file__})
     key = hashlib.sha256()
@@ -101,7 +101,7 @@ def library_path(step: DecodeStep) -> Path:
         key.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     for path in sources:
         key.update(Path(path).read_bytes() if Path(path).is_file() else path.encode())
-    key.update(f"{torch.__version__}|{pick_vec_isa()}|{os.environ.get('ATEN_CPU_CAPABILITY', '')}".encode())
+    key.update(f"{hardware.machine_fingerprint('cpu')}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}".encode())
     return outputs_dir("cache", "steps") / f"{key.hexdigest()[:24]}.pt2"
 
 
@@ -129,7 +129,8 @@ def compile_library(step: DecodeStep, path: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
         request = Path(folder) / "step.pt"
         torch.save(copy.deepcopy(step, memo), request)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+               "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the library's loops are written for the server's threads
         child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(path)], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         _CHILDREN.add(child)
@@ -176,9 +177,11 @@ class StepGraph:
                 start = time.perf_counter()
                 compile_library(self.step, self.path)
                 self.compile_seconds = time.perf_counter() - start
-            runner = torch._inductor.aoti_load_package(str(self.path))
+            # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo,
+            # sympy), 80 MB the server keeps for nothing
+            runner = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
             # pointers to the model's tensors, kept alive by the model: no copy
-            runner.load_constants(weights(self.step), check_full_update=True, user_managed=True)
+            runner.load_constants(weights(self.step), False, True, user_managed=True)
         except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
             self._fail(exc)
             return
@@ -191,7 +194,7 @@ class StepGraph:
         mask = row_mask(positions, int(positions.max()) + 1)
         if self.runner is not None:
             try:
-                return self.runner(tokens, positions, mask, keys, values)[:n]
+                return self.runner.boxed_run([tokens, positions, mask, *keys, *values])[0][:n]  # the step's inputs, flat
             except Exception as exc:  # noqa: BLE001 - a call the library refuses: this step and every later one eagerly
                 self._fail(exc)
         return self.step(tokens, positions, mask, keys, values)[:n]
