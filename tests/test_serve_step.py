@@ -27,7 +27,7 @@ def _joining_and_leaving(scheduler):
 def _built(model, max_batch=3) -> Scheduler:
     s = Scheduler(model, max_batch=max_batch, context=64, compile=True)
     assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
-    s.graph.build(model)
+    s.graph.build()
     assert s.graph.ready and s.step_state() == "compiled", s.decoding()
     return s
 
@@ -76,7 +76,7 @@ def test_a_server_loads_its_library_without_the_compilers_python_side():
 
     code = ("import sys, torch; from llmnb.model import GPT, GPTConfig; from llmnb.serve.scheduler import Scheduler; "
             "m = GPT(GPTConfig.llama(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)).eval(); "
-            "s = Scheduler(m, max_batch=2, context=64, compile=True); s.graph.build(m); assert s.graph.ready, s.decoding(); "
+            "s = Scheduler(m, max_batch=2, context=64, compile=True); s.graph.build(); assert s.graph.ready, s.decoding(); "
             "print(sorted(x for x in ('torch._dynamo', 'torch._inductor', 'sympy') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -110,7 +110,7 @@ def test_a_failed_build_says_why_and_serves_eagerly(model, monkeypatch, tmp_path
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # Inductor's compiler, in the child
     s = Scheduler(model, max_batch=2, context=64, compile=True)
     with pytest.warns(UserWarning, match=r"the compiled step failed \(RuntimeError: building the step's library failed .*\); serving eagerly"):
-        s.graph.build(model)
+        s.graph.build()
     assert s.step_state() == "eager" and s.decoding().startswith("eager: RuntimeError")
     assert not (tmp_path / "step.pt2").exists()
     seq = submit(s, [3, 4], Sampling(4, temperature=0))
@@ -122,7 +122,7 @@ def test_without_a_compiler_the_server_step_stays_eager_and_says_so(model, monke
     monkeypatch.setattr(step, "compiler_available", lambda: False)
     s = Scheduler(model, max_batch=2, context=64, compile=True)
     with pytest.warns(UserWarning, match=r"no C\+\+ compiler .*; serving eagerly"):
-        s.graph.build(model)
+        s.graph.build()
     assert not s.graph.ready and s.decoding() == "eager: no C++ compiler (g++, c++ or clang++) for Inductor"
     assert s.step_state() == "eager"  # not "building": a client waiting for the compiled step stops waiting
     seq = submit(s, [3, 4], Sampling(4, temperature=0))

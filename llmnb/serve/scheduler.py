@@ -116,8 +116,8 @@ class Scheduler:
         self.model = model.eval()
         self.context = min(context or model.config.block_size, model.config.block_size)
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
-        self.graph = StepGraph(model) if compile else None
         self.eager = DecodeStep(model)
+        self.graph = StepGraph(self.eager) if compile else None
         # a compiled step computes at least MIN_ROWS rows: the padding row needs a (free) row of the cache
         self.cache = SlotCache(model, max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch, self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
@@ -151,8 +151,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="llmnb-scheduler", daemon=True)
         self._thread.start()
         if self.graph is not None:  # the scheduler uses the graph from the step after it is built
-            build = torch.no_grad()(self.graph.build)
-            self.builder = threading.Thread(target=build, args=(self.model,), name="llmnb-compile", daemon=True)
+            self.builder = threading.Thread(target=self.graph.build, name="llmnb-compile", daemon=True)
             self.builder.start()
         return self
 

@@ -1,8 +1,8 @@
 """The scheduler's decoding step, compiled ahead of time: one shared library for any number of rows and any cache
 length, built in a process of its own, reading the weights the server already holds.
 
-    graph = StepGraph(model)                           # Scheduler(model, compile=True) makes one
-    graph.build(model)                                 # the first time: a child process exports the step and
+    graph = StepGraph(DecodeStep(model))               # Scheduler(model, compile=True) makes one
+    graph.build()                                      # the first time: a child process exports the step and
                                                        # AOTInductor compiles it (a minute for SmolLM2 on 2 cores);
                                                        # later: loaded from outputs/cache/steps/ in about a second
     logits = graph(tokens, positions, keys, values)    # (n, vocab) fp32; writes each row's new key and value
@@ -159,14 +159,14 @@ class StepGraph:
     """
     MIN_ROWS = 2
 
-    def __init__(self, model: GPT):
-        self.step = DecodeStep(model)
+    def __init__(self, step: DecodeStep):
+        self.step = step  # the eager step: what the library was traced from, and the fallback
         self.runner = None
         self.compile_seconds = 0.0  # 0 when the library was found on disk
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
 
-    def build(self, model: GPT) -> None:
+    def build(self) -> None:
         """Find or compile the library, and load it with the model's own weights."""
         if self.failed:  # no compiler: nothing to build
             warnings.warn(f"llmnb.serve: {self}; serving eagerly")
