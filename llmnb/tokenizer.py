@@ -12,6 +12,8 @@ contain the merged pair, instead of recounting the corpus.
 """
 from __future__ import annotations
 
+import datetime
+import functools
 import heapq
 import io
 import json
@@ -20,6 +22,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import regex
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -335,7 +340,7 @@ class CharTokenizer:
 
 
 class FolderTokenizer:
-    """A Hugging Face tokenizer folder read with `tokenizers` and transformers' own chat-template renderer alone.
+    """A Hugging Face tokenizer folder read with `tokenizers`, its chat template rendered by `compile_chat_template`.
 
     What a server asks of a tokenizer (encode, decode, a chat's prompt ids, the end token) without `AutoTokenizer`,
     whose import chain (transformers' tokenizer classes import its kernel and accelerate integrations) cost a server
@@ -375,14 +380,73 @@ class FolderTokenizer:
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The prompt's ids for a chat, as `apply_chat_template(..., tokenize=True)`: the template writes the special tokens."""
-        # transformers' renderer (its sandbox and filters), without its tokenizer classes
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template: format the prompt yourself, or use a model folder that has one")
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt, **self.special)
-        return self.backend.encode(rendered[0], add_special_tokens=False).ids
+        text = compile_chat_template(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks the assistant's text for its training masks with
+    it): here the block renders as its body, which is all a prompt needs."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+class _Namespace(jinja2.utils.Namespace):
+    """`namespace(...)` without underscore names: a template from the hub is untrusted code, and a namespace that stores
+    `__class__`-like names is a known way out of the sandbox (what transformers refuses too)."""
+
+    def __init__(*args, **kwargs):  # Namespace's own signature trick, so that namespace(self=...) still works
+        self, attrs = args[0], dict(*args[1:], **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a chat template cannot store {name!r} on a namespace: rename it without the underscore")
+
+
+class _Dict:
+    """`dict(...)` and `dict.fromkeys(...)` in a template, without the type itself (whose `mro()` leads to `object`)."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs) -> dict:
+        return dict.fromkeys(*args, **kwargs)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers' `apply_chat_template` compiles it: jinja2's sandbox (templates from the
+    hub are untrusted code), blocks trimmed, `break`/`continue`, `tojson` without HTML escaping, `raise_exception`,
+    `strftime_now`. Without importing transformers, whose utilities cost a server 23 MB (issue 23); the ids are
+    checked against its own in tests/test_tokenizer.py."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=_raise_exception, namespace=_Namespace, dict=_Dict(),
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(source)
 
 
 def hf_tokenizer(folder: str | Path, light: bool = False):

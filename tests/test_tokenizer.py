@@ -235,6 +235,62 @@ def test_a_folder_tokenizer_gives_what_auto_tokenizer_gives(which, tmp_path):
                                                                      return_dict=True)["input_ids"])
 
 
+# Templates that use what transformers gives a template beyond plain jinja2: trimmed blocks, tojson (non-ASCII kept,
+# no HTML escaping), namespace, dict, break/continue, a generation block, raise_exception.
+FEATURE_TEMPLATES = [
+    "{% for m in messages %}\n  {{ m.role }}: {{ m.content | tojson }}\n{% endfor %}{% if add_generation_prompt %}>{% endif %}",
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% if loop.index > 2 %}{% break %}{% endif %}"
+    "{{ ns.n }}{{ dict(r=m.role) | tojson(sort_keys=True) }}{% endfor %}",
+    "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{% if m.role == 'assistant' %}"
+    "{% generation %}<a>{{ m.content }}</a>{% endgeneration %}{% else %}<u>{{ m.content }}</u>{% endif %}{% endfor %}",
+    "{% if messages[0].role != 'user' %}{{ raise_exception('the first message must be the user\\'s') }}{% endif %}{{ messages | length }}",
+]
+
+
+@pytest.mark.parametrize("template", FEATURE_TEMPLATES)
+def test_chat_templates_render_as_transformers_renders_them(template):
+    """Rendered text (or the error) equal to transformers' own renderer, an independent implementation."""
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from llmnb.tokenizer import compile_chat_template
+
+    for chat in CHATS + [[{"role": "user", "content": "<b>\"quoted\" & naïve 東京</b>"}]]:
+        for prompt in (False, True):
+            try:
+                theirs = render_jinja_template(conversations=[chat], chat_template=template, add_generation_prompt=prompt)[0][0]
+            except jinja2.TemplateError as exc:
+                with pytest.raises(type(exc), match=str(exc)[:20]):
+                    compile_chat_template(template).render(messages=chat, add_generation_prompt=prompt)
+                continue
+            assert compile_chat_template(template).render(messages=chat, add_generation_prompt=prompt) == theirs, (template, chat)
+
+
+@pytest.mark.parametrize("escape", ["{{ ''.__class__.__mro__ }}", "{{ dict.mro() }}", "{% set ns = namespace(_x=1) %}",
+                                    "{% set ns = namespace() %}{% set ns.__class__ = 1 %}"])
+def test_a_chat_template_cannot_leave_the_sandbox(escape):
+    import jinja2
+
+    from llmnb.tokenizer import compile_chat_template
+
+    with pytest.raises((jinja2.exceptions.SecurityError, jinja2.exceptions.UndefinedError)):
+        compile_chat_template(escape).render(messages=[])
+
+
+def test_a_folder_tokenizer_renders_chats_without_importing_transformers():
+    """transformers' chat utilities cost a server 23 MB resident (issue 23): the light tokenizer renders without them."""
+    import subprocess
+    import sys
+
+    folder = resolve_model("smollm2-135m-instruct")  # resolving imports transformers: done here, not in the child
+    code = ("import sys; from llmnb.tokenizer import FolderTokenizer; "
+            f"ids = FolderTokenizer.open({str(folder)!r}).chat_ids([{{'role': 'user', 'content': 'hi'}}]); "
+            "print(len(ids), 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    n, imported = out.stdout.split()
+    assert int(n) > 5 and imported == "False", out.stdout
+
+
 def test_a_folder_that_autotokenizer_reads_otherwise_is_left_to_it(tmp_path):
     """Decoded text rewritten (clean_up_tokenization_spaces), or a tokenizer class of its own: AutoTokenizer's, even when light."""
     import json
