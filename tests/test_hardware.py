@@ -1,4 +1,6 @@
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,6 +74,28 @@ def test_freed_memory_is_handed_back_so_a_later_peak_is_its_own():
             "print(json.dumps([b0, d, kept, after]))")
     before, during, kept, after = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert during - before > 200e6 and after < kept - 200e6
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("limit", [None, 2])
+def test_heap_arenas_are_limited_for_the_threads_that_start_after(limit, tmp_path):
+    """Eight threads that allocate get arenas of their own unless limited (counted in glibc's malloc_info)."""
+    code = f"""
+import ctypes, threading
+from llmnb import hardware
+if {limit!r}: hardware.limit_heap_arenas({limit!r})
+libc = ctypes.CDLL("libc.so.6"); libc.malloc.restype = ctypes.c_void_p; libc.fopen.restype = ctypes.c_void_p
+start = threading.Barrier(8)
+def work():
+    start.wait()
+    for _ in range(2000): libc.free(ctypes.c_void_p(libc.malloc(4096)))
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+f = libc.fopen(b"{tmp_path / 'info.xml'}", b"w"); libc.malloc_info(0, ctypes.c_void_p(f)); libc.fclose(ctypes.c_void_p(f))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    heaps = (tmp_path / "info.xml").read_text().count("<heap nr=")
+    assert heaps <= 2 if limit else heaps > 2, heaps
 
 
 def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
