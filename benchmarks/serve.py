@@ -45,6 +45,7 @@ def main() -> None:
 
     from llmnb.serve import llama_cpp_process, local_server
     from llmnb.serve.loadtest import closed_loop, poisson, warm_up
+    from llmnb.serve.scheduler import cache_bytes
     from llmnb import artifacts
 
     model = args.model or str(artifacts.latest("smollm2-135m-instruct"))
@@ -115,7 +116,7 @@ def main() -> None:
     for o in ours:
         prepared = decoding.prepare(checkpoint.load(served[o])[0])  # what the server holds: its weights and its KV cache's size
         weights = decoding.weight_bytes(prepared)
-        cache = slots * args.context * prepared.kv_cache_bytes_per_token("fp32") * prepared.decoding.dtype.itemsize / 4
+        cache = cache_bytes(prepared, slots, args.context, prepared.decoding.dtype, compile="compiled" in o)
         print(f"resident memory: {o} {rss[o] / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
               f"+ {(rss[o] - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two)")
     print(f"resident memory: llama.cpp {llama_rss / 1e6:.0f} MB")

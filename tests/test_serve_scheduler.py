@@ -5,7 +5,7 @@ import torch
 
 from llmnb.generate import generate
 from llmnb.model import GPT, GPTConfig
-from llmnb.serve.scheduler import QueueFull, Sampling, Scheduler, Sequence
+from llmnb.serve.scheduler import QueueFull, Sampling, Scheduler, Sequence, cache_bytes
 
 import pytest
 
@@ -79,6 +79,17 @@ def test_stop_tokens_cancellation_and_limits(model):
     submit(s, [1], Sampling(2))
     with pytest.raises(QueueFull):
         submit(s, [1], Sampling(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_batch,compile", [(1, False), (1, True), (8, False), (8, True)])
+def test_cache_bytes_are_what_a_scheduler_allocates(model, dtype, max_batch, compile):
+    """The figure reports put beside a server's memory is the cache its scheduler holds (a compiled step's padding row too)."""
+    import copy
+
+    prepared = copy.deepcopy(model).to(dtype)
+    held = Scheduler(prepared, max_batch, context=40, compile=compile).cache.nbytes()  # not started: nothing is built
+    assert cache_bytes(model, max_batch, 40, dtype, compile=compile) == held
 
 
 def test_background_thread_serves_and_stops(model):

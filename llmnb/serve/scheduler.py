@@ -106,6 +106,19 @@ class SlotCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
+def cache_slots(max_batch: int, compile: bool) -> int:
+    """Rows of the KV cache a scheduler allocates: a compiled step computes at least MIN_ROWS rows, and the padding
+    row needs a (free) row of the cache."""
+    return max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch
+
+
+def cache_bytes(model: GPT, max_batch: int, context: int, dtype: torch.dtype, compile: bool = False) -> int:
+    """Bytes of the KV cache `Scheduler(model, max_batch, context, compile=compile)` holds once `model` is prepared to
+    decode in `dtype`: what a server holds beside its weights, for reports written outside it."""
+    per_token = model.kv_cache_bytes_per_token("fp32") * torch.finfo(dtype).bits // 32
+    return int(cache_slots(max_batch, compile) * context * per_token)
+
+
 class Scheduler:
     """Runs `model` for every submitted Sequence, `max_batch` at a time, in a background thread."""
 
@@ -118,8 +131,7 @@ class Scheduler:
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
         self.eager = DecodeStep(model)
         self.graph = StepGraph(self.eager) if compile else None
-        # a compiled step computes at least MIN_ROWS rows: the padding row needs a (free) row of the cache
-        self.cache = SlotCache(model, max(max_batch, StepGraph.MIN_ROWS) if compile else max_batch, self.context)
+        self.cache = SlotCache(model, cache_slots(max_batch, compile), self.context)
         self.running: list[Sequence] = []  # running[i] owns cache row i
         self.waiting: deque[Sequence] = deque()
         self.metrics = metrics
