@@ -38,7 +38,7 @@ def test_machine_info_reports_real_numbers(tmp_path):
 
 
 def test_matmul_flops_count_two_n_cubed_per_product_over_the_elapsed_time(monkeypatch):
-    """On a clock that advances 0.25 s per reading, a 1-second measurement runs exactly 3 products in 1.0 s.
+    """On a clock that advances 0.25 s per reading, a 1-second window runs exactly 3 products in 1.0 s.
 
     A fake clock makes the arithmetic exact: timing real products on this shared machine swings by more than
     the factor of two a wrong count would cause (seen: 0.28x to 1.7x between two honest measurements).
@@ -48,7 +48,17 @@ def test_matmul_flops_count_two_n_cubed_per_product_over_the_elapsed_time(monkey
     readings = iter(i * 0.25 for i in range(100))
     monkeypatch.setattr(hardware, "time", types.SimpleNamespace(perf_counter=lambda: next(readings)))
     n = 64
-    assert hardware.measure_matmul_flops("cpu", size=n, seconds=1.0) == 2 * n**3 * 3 / 1.0
+    assert hardware.measure_matmul_flops("cpu", size=n, seconds=1.0, windows=1) == 2 * n**3 * 3 / 1.0
+
+
+def test_the_matmul_peak_is_the_best_window(monkeypatch):
+    """A window that another process shared (the slow ones) does not set the peak."""
+    windows = iter([(3, 1.0), (3, 0.5), (3, 2.0)])
+    seen = []
+    monkeypatch.setattr(hardware, "_timed_runs", lambda work, device, seconds: (seen.append(seconds), next(windows))[1])
+    n = 64
+    assert hardware.measure_matmul_flops("cpu", size=n, seconds=1.5, windows=3) == 2 * n**3 * 3 / 0.5
+    assert seen == [0.5, 0.5, 0.5], "the windows share the time asked for"
 
 
 def test_resident_memory_sees_a_large_allocation_and_its_peak():
@@ -138,10 +148,27 @@ def test_loop_utilisation_is_the_reference_steps_flops_over_its_time_at_the_peak
     monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
     monkeypatch.delenv("LLMNB_REMEASURE", raising=False)
     monkeypatch.setattr(measure, "measure_training_memory", lambda shape, setup, steps, device: {"step_seconds": 10.0})
-    monkeypatch.setattr(measure, "peak_flops", lambda device: 1e11)
+    monkeypatch.setattr(measure, "peak_flops", lambda device, remeasure=False: 1e11)
     tokens = measure.UTILISATION_SETUP.batch * measure.UTILISATION_SETUP.seq_len
     expected = budget.training_flops(measure.UTILISATION_SHAPE, measure.UTILISATION_SETUP, tokens) / (10.0 * 1e11)
     assert measure.loop_utilisation() == pytest.approx(expected) and 0 < expected < 1
+
+
+def test_a_loop_that_beats_the_peak_has_the_peak_measured_again(tmp_path, monkeypatch):
+    """A utilisation above 1 means the peak was measured on shared cores: measured once more, else a clear error."""
+    from llmnb import budget, measure
+
+    monkeypatch.setenv("LLMNB_HOME", str(tmp_path))
+    monkeypatch.delenv("LLMNB_REMEASURE", raising=False)
+    monkeypatch.setattr(measure, "measure_training_memory", lambda shape, setup, steps, device: {"step_seconds": 1.0})
+    tokens = measure.UTILISATION_SETUP.batch * measure.UTILISATION_SETUP.seq_len
+    flops = budget.training_flops(measure.UTILISATION_SHAPE, measure.UTILISATION_SETUP, tokens)
+    peaks = {False: flops / 2, True: flops * 4}  # disturbed first, then the machine's own
+    monkeypatch.setattr(measure, "peak_flops", lambda device, remeasure=False: peaks[remeasure])
+    assert measure.loop_utilisation() == pytest.approx(0.25)
+    peaks[True] = flops / 2
+    with pytest.raises(RuntimeError, match="LLMNB_REMEASURE=1"):
+        measure.loop_utilisation(remeasure=True)
 
 
 def test_read_bandwidth_counts_every_byte_of_each_pass(monkeypatch):
