@@ -85,7 +85,7 @@ MUTATIONS = [
     Mutation("a LoRA checkpoint resumed without its adapters", "llmnb/train.py",
              'model.load_state_dict(state["model"], strict=not state.get("trainable_only"))', "pass",
              (T + "test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve",)),
-    Mutation("matmul FLOPs counted once per multiply-add", "llmnb/hardware.py", "return 2 * size**3 * runs / elapsed", "return size**3 * runs / elapsed",
+    Mutation("matmul FLOPs counted once per multiply-add", "llmnb/hardware.py", "best = max(best, 2 * size**3 * runs / elapsed)", "best = max(best, size**3 * runs / elapsed)",
              ("tests/test_hardware.py",)),
     Mutation("PPO: the clipped surrogate's min and max swapped", "llmnb/align.py", "masked_mean(torch.maximum(unclipped, clipped), mask)",
              "masked_mean(torch.minimum(unclipped, clipped), mask)", (A + "test_the_clipped_policy_loss_stops_paying_outside_the_clip_range",)),
