@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import os
@@ -64,15 +65,25 @@ def release_freed_memory() -> int:
     return resident_bytes()[0]
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (malloc_trim, mallopt); None elsewhere (musl, macOS). Looked up once:
+    `find_library` runs `ldconfig -p` in a subprocess, and an idle server trims its heap after every burst."""
+    name = ctypes.util.find_library("c")
+    if not (name and sys.platform.startswith("linux")):
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def trim_heap() -> None:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim), without collecting garbage first: about a
     millisecond, where a full collection takes 40-80 ms in a server process (what an idle server can afford)."""
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl): nothing to trim with
-            pass
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def limit_heap_arenas(arenas: int = 2) -> None:
@@ -82,12 +93,8 @@ def limit_heap_arenas(arenas: int = 2) -> None:
     pages its thread left behind. A server's threads (the loader, the scheduler, HTTP workers) held 8 MB more that
     way on SmolLM2's int8 server (issue 23), with the same speed at two arenas. A no-op where malloc is not glibc's.
     """
-    name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(name).mallopt(-8, arenas)  # -8: M_ARENA_MAX in glibc's malloc.h
-        except (OSError, AttributeError):  # not glibc (musl)
-            pass
+    if (libc := _glibc()) is not None:
+        libc.mallopt(-8, arenas)  # -8: M_ARENA_MAX in glibc's malloc.h
 
 
 def reset_peak_resident() -> None:
