@@ -11,17 +11,20 @@ prefill's time: prompt read, first token chosen (eager in every contender).
 
     python benchmarks/generation.py
     python benchmarks/generation.py --new 16 --batches 1   # quicker
+    python benchmarks/generation.py --config FOLDER        # SmolLM2's architecture with random weights, where the
+                                                           # offline model is not installed (a GPU machine, say)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from llmnb import decoding, hardware  # noqa: E402
 from llmnb.hf_bridge import from_hf, to_hf  # noqa: E402
@@ -33,13 +36,16 @@ from llmnb.generate import generate  # noqa: E402
 def tokens_per_second(fns: dict, new_tokens: int, batch: int, repeats: int) -> dict[str, float]:
     """Tokens/s of each function, best of `repeats`. The functions take turns, so that a slow spell of a
     shared machine (CPU steal) hits every contender alike instead of one of them."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # a GPU's work done, not only queued
     for fn in fns.values():
         fn()  # warm-up
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             best[name] = min(best[name], time.perf_counter() - start)
     return {name: batch * new_tokens / seconds for name, seconds in best.items()}
 
@@ -50,12 +56,17 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a folder whose config.json is SmolLM2's: its architecture with random weights (speed does not depend on them)")
     args = parser.parse_args()
     device = hardware.pick_device()
     torch.manual_seed(0)
     pairs = {}
-    hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
-    pairs["SmolLM2-135M (llama)"] = (from_hf(hf).to(device), hf.to(device))
+    if args.config is None:
+        hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"), dtype=torch.float32).eval()
+    else:
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.config), dtype=torch.float32).eval()
+    pairs["SmolLM2-135M (llama)" + (", random weights" if args.config else "")] = (from_hf(hf).to(device), hf.to(device))
     gpt2 = GPT(GPTConfig.gpt2()).eval()
     pairs["GPT-2 124M (random)"] = (gpt2.to(device), to_hf(gpt2).to(device))
     info = hardware.machine_info()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ class Compiled:
     """`fn` as one Inductor graph with the model's weights frozen in as constants (which lets Inductor pack them for
     oneDNN); `fn` itself, eagerly, where no graph can be built.
 
-    Inductor writes C++ and builds it with the system's compiler. A failure warns once and every later call
+    Inductor writes C++ and builds it with the system's compiler (on a GPU: Triton kernels, which `cuda_graphs`
+    records into a CUDA graph at the first call and replays after). A failure warns once and every later call
     runs `fn` eagerly (`failed` says why). `compile_seconds` counts the calls its caller says compiled.
     Frozen weights: the model must not change after this (inference only), and the graph holds its own
     packed copy of every matrix it multiplies by, beside the model's.
@@ -78,9 +80,9 @@ class Compiled:
     and in int8 (ATen's int8 kernel lost every product), for about twice the compile time.
     """
 
-    def __init__(self, fn, autotune: bool = False):
+    def __init__(self, fn, autotune: bool = False, cuda_graphs: bool = False):
         self.fn = fn
-        self.autotune = autotune
+        self.autotune, self.cuda_graphs = autotune, cuda_graphs
         self.graph = torch.compile(fn, fullgraph=True, dynamic=False)  # every call shape fixed: CompiledStep rounds the cache
         self.compile_seconds = 0.0
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
@@ -94,6 +96,8 @@ class Compiled:
             # freezing is read at compile time only (passed through `torch.compile(options=...)` it does not reach
             # the graph's lowering, which then multiplies with plain aten::mm)
             with torch._inductor.config.patch(self._options()):
+                if self.cuda_graphs:  # a new step: the last one's outputs may be overwritten (they were read already)
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self.graph(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly instead, say so once
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -104,12 +108,12 @@ class Compiled:
         return out
 
     def _options(self) -> dict:
-        """Inductor's settings for the build: frozen weights, and the GEMM templates if asked for."""
-        if not self.autotune:
-            return {"freezing": True}
-        # and quietly: Inductor otherwise writes every product's timings to stderr, hundreds of lines in a notebook's output
-        return {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        """Inductor's settings for the build: frozen weights, CUDA graphs and the GEMM templates if asked for."""
+        options = {"freezing": True, "triton.cudagraphs": self.cuda_graphs}
+        if self.autotune:  # and quietly: Inductor otherwise writes every product's timings to stderr, hundreds of lines
+            options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+        return options
 
 
 class CompiledStep:
@@ -119,13 +123,20 @@ class CompiledStep:
     `CACHE_ROUND` tokens: a new (batch, length) pair compiles once more (benchmarks/generation.py
     prints how long), counted in `compile_seconds`. The server's step is compiled once for every
     batch and length instead, ahead of time (llmnb.serve.step): its rows change every step.
+
+    On a GPU the step is replayed as a CUDA graph: one launch a step instead of a few hundred kernels
+    launched from Python, which at batch 1 take longer than the kernels run. A graph replays reads and
+    writes at the addresses it recorded, so the cache lives in buffers the step keeps per shape
+    (`fixed_addresses`; `_adopt`), allocated once.
     """
     CACHE_ROUND = 64
 
     def __init__(self, model: GPT):
         self.model = model
-        self.compiled = Compiled(self._logits, autotune=autotunes(model))
+        self.fixed_addresses = model.norm_f.weight.device.type == "cuda"
+        self.compiled = Compiled(self._logits, autotune=autotunes(model), cuda_graphs=self.fixed_addresses)
         self.shapes: set[tuple[int, int]] = set()
+        self.buffers: dict[tuple[int, ...], tuple[weakref.ref, list[torch.Tensor]]] = {}  # cache shape: (its user, keys + values)
 
     @property
     def failed(self) -> str:
@@ -153,6 +164,8 @@ class CompiledStep:
         else:  # left padding: a row's position is its number of real tokens before this one
             positions = attention_mask.sum(1, keepdim=True) - 1
             mask = F.pad(attention_mask.bool(), (0, length - attention_mask.shape[1]))
+        if self.fixed_addresses:
+            self._adopt(cache)
         cache.slot = torch.tensor([past], device=tokens.device)
         shape = (b, length)
         try:
@@ -162,6 +175,27 @@ class CompiledStep:
         self.shapes.add(shape)
         cache.length += 1
         return logits
+
+
+    def _adopt(self, cache: KVCache) -> None:
+        """Move `cache` into the step's buffers for its shape (a copy, once per generation). The cache that held them
+        before gets copies of them back first: two generations interleaved (two open streams) each keep their own."""
+        shape = tuple(cache.keys[0].shape)
+        user, buffers = self.buffers.get(shape, (None, None))
+        if user is not None and user() is cache:
+            return
+        if buffers is None:
+            buffers = [torch.empty_like(t) for t in cache.keys + cache.values]
+            for t in buffers:
+                torch._dynamo.mark_static_address(t)  # a graph input whose address is part of the graph: not copied in
+        elif (previous := user()) is not None:
+            n = len(previous.keys)
+            previous.keys, previous.values = [t.clone() for t in buffers[:n]], [t.clone() for t in buffers[n:]]
+        for buffer, t in zip(buffers, cache.keys + cache.values):
+            buffer.copy_(t)
+        n = len(cache.keys)
+        cache.keys, cache.values = buffers[:n], buffers[n:]
+        self.buffers[shape] = (weakref.ref(cache), buffers)
 
 
 def next_logits(model: GPT, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -183,7 +217,8 @@ def autotunes(model: GPT) -> bool:
     """Whether a compiled step of `model` (already in its decoding dtype) autotunes its products: in bf16, where the
     templates won in bf16 and int8 on the Xeon of issue 23 (fixed shapes, `generate`). With fp32 activations the int8
     template moved log-probabilities about as much as int8 rounding itself."""
-    return model.norm_f.weight.dtype == torch.bfloat16 and gemm_templates_safe()
+    weight = model.norm_f.weight
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and gemm_templates_safe()
 
 
 def compiler_available() -> bool:
@@ -203,6 +238,7 @@ class Decoding:
         layout = f"{self.packed} weight matrices packed for oneDNN" if self.packed else "weights in PyTorch's plain layout"
         if self.step is not None:
             tuned = ", GEMMs autotuned" if self.step.compiled.autotune else ""
+            tuned += ", replayed as a CUDA graph" if self.step.compiled.cuda_graphs else ""
             layout = "eager: " + self.step.failed if self.step.failed else f"one compiled graph per step (Inductor, weights frozen{tuned})"
         return f"{self.why}, {layout}"
 

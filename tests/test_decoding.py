@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from llmnb import decoding, hardware
-from llmnb.generate import generate
+from llmnb.generate import generate, generate_stream
 from llmnb.lora import attach
 from llmnb.model import GPT, GPTConfig
 from llmnb.quantize import quantize_model
@@ -143,6 +143,48 @@ def test_a_compiled_step_decodes_what_the_eager_model_does(monkeypatch):
     with pytest.warns(UserWarning, match="compiled step failed .RuntimeError: compiler crashed.; decoding eagerly"):
         again = generate(fast, ids, 10, temperature=0, attention_mask=mask)
     assert torch.equal(again, eager[0]) and "eager: RuntimeError" in str(fast.decoding)
+
+
+def test_a_step_at_fixed_addresses_keeps_two_interleaved_generations_apart():
+    """What a CUDA graph needs (the cache at the addresses it recorded), checked here on the CPU: each generation's cache
+    is copied into the step's one buffer per shape, and one that held it before gets its own copy back first."""
+    model = _models()["llama"]
+    fast = decoding.prepare(copy.deepcopy(model), torch.float32, compile=True)
+    step = fast.decoding.step
+    assert not step.fixed_addresses and not step.compiled.cuda_graphs  # on a CPU, off: nothing to replay
+    step.fixed_addresses = True
+    a, b = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 7))
+    alone = [generate(model, ids, 8, temperature=0, return_logprobs=True) for ids in (a, b)]
+    streams = [generate_stream(fast, ids, 8, temperature=0) for ids in (a, b)]
+    taken = [[], []]
+    for _ in range(8):
+        for stream, out in zip(streams, taken):  # one token of each in turn: each step takes the buffer from the other
+            out.append(next(stream))
+    for (tokens, logprobs), out in zip(alone, taken):
+        assert torch.equal(torch.stack([t for t, _ in out], 1), tokens[:, -8:])
+        torch.testing.assert_close(torch.stack([p for _, p in out], 1), logprobs, atol=1e-5, rtol=0)
+    (_, buffers), = step.buffers.values()
+    generate(fast, a, 8, temperature=0)
+    assert list(step.buffers) == [(1, 2, 64, 16)] and step.buffers[(1, 2, 64, 16)][1] is buffers  # allocated once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the lent H200: benchmarks/README.md)")
+def test_on_a_gpu_the_compiled_step_replays_one_cuda_graph_and_decodes_what_eager_does():
+    model = _models()["llama"].cuda()
+    ids = torch.randint(0, 97, (2, 9), device="cuda")
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9], device="cuda")
+    eager = generate(model, ids, 10, temperature=0, attention_mask=mask, return_logprobs=True)
+    fast = decoding.prepare(copy.deepcopy(model), torch.float32, compile=True)
+    assert "replayed as a CUDA graph" in str(fast.decoding)
+    torch._dynamo.utils.counters.clear()
+    compiled = generate(fast, ids, 10, temperature=0, attention_mask=mask, return_logprobs=True)
+    assert not fast.decoding.step.failed and torch.equal(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1], atol=1e-4, rtol=0)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # Inductor would say why it did not record
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        again = generate(fast, ids, 10, temperature=0, attention_mask=mask)
+    launches = {e.key: e.count for e in profile.key_averages() if e.key in ("cudaGraphLaunch", "cuLaunchKernel", "cudaLaunchKernel")}
+    assert torch.equal(again, eager[0]) and launches.get("cudaGraphLaunch", 0) >= 9, launches  # one graph per step
 
 
 def test_without_a_compiler_the_step_runs_eagerly_and_says_so(monkeypatch):
