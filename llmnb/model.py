@@ -333,6 +333,9 @@ class GPT(nn.Module):
         Where some targets are -100 (fine-tuning's prompt and padding), the output head runs
         only on the positions that have a target and `logits` is None: with a 49k vocabulary
         the head is a third of a small model's compute, and a chat prompt is most of a row.
+        Under `torch.compile` the head runs on every position (the same loss): which positions
+        have a target is known only on the device, and asking would split the graph in two and
+        wait for the device every step (seen on an H200: benchmarks/README.md).
         `attention_mask` (batch, past + time; 1 = token, 0 = padding) supports left-padded
         batches, and a ready boolean mask (batch, 1, time, past + time) is used as given (rows of
         unequal lengths in one cache: llmnb.serve's scheduler); `cache` continues from the tokens it holds.
@@ -341,7 +344,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(hidden), None
         learned = targets != -100
-        if not bool(learned.all()):
+        if not torch.compiler.is_compiling() and not bool(learned.all()):
             loss = F.cross_entropy(_fp32_or_wider(self.lm_head(hidden[learned])), targets[learned])  # (N, vocab): learned positions only
             return None, loss
         logits = self.lm_head(hidden)

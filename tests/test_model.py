@@ -246,3 +246,17 @@ def test_gpt2_matches_a_model_transformers_built_itself_where_gelu_variants_diff
         torch.testing.assert_close(ours(x)[0], theirs, atol=1e-4, rtol=1e-5)
         exact = torch.nn.functional.gelu(torch.linspace(-4, 4, 9)) - torch.nn.functional.gelu(torch.linspace(-4, 4, 9), approximate="tanh")
         assert exact.abs().max() > 1e-4, "at this scale the two GELUs differ by more than the tolerance"
+
+
+def test_the_training_forward_traces_as_one_graph_with_the_same_loss(pair):
+    """Under torch.compile the loss over targets with -100 (a prompt's) is one graph, no data-dependent branch: a graph
+    break there waits for the device every step. Same loss as eager, which runs the head on learned positions only."""
+    ours, _ = pair
+    idx = torch.randint(0, ours.config.vocab_size, (2, 12))
+    targets = torch.randint(0, ours.config.vocab_size, (2, 12))
+    targets[:, :5] = -100
+    explained = torch._dynamo.explain(ours)(idx, targets)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx, targets)[1], ours(idx, targets)[1], atol=1e-5, rtol=1e-5)
