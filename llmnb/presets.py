@@ -89,10 +89,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "06": dict(base_model="smollm2-135m-instruct", eval_windows=32, window=512, n_task=300, gen_tokens=64,
                    gguf_types=["F16", "Q8_0", "Q4_0"], agreement_tokens=64, storage_context=8192, sparsities=[0.25, 0.5, 0.7],
                    calibration_rows=64, calibration_length=256, structured_mlp=0.25, structured_heads=0.34, heal_steps=50,
-                   compiled_variants=[]),  # the compiled step is measured on CPUs only (on a GPU Inductor writes Triton)
+                   compiled_variants=[]),  # on a GPU our int8/int4 layers have no kernel of their own (they dequantize before each
+                                           # product); the compiled step itself, as a CUDA graph, is measured in benchmarks/generation.py
         "07": dict(base_model="smollm2-135m-instruct", max_batch=32, context=2048, demo_requests=16, demo_tokens=64, load_clients=[1, 4, 16, 32],
                    load_rates=[1.0, 4.0], load_seconds=20.0, load_tokens=128, answer_tokens=128,
-                   compiled_int8=False),  # the compiled server step is measured on CPUs only (on a GPU Inductor writes Triton)
+                   compiled_int8=False),  # the server's compiled step (an AOTInductor library) is built and tested on CPUs only
         "08": dict(base_model="smollm2-135m-instruct", lastword=1000, nextline=400, arithmetic=1000, passages=40, passage_chars=2000, batch_size=32,
                    hub_tasks=["hellaswag", "arc_easy", "lambada_openai"]),
     },
