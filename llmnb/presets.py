@@ -29,7 +29,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=1024, compression_sizes=[300, 512, 1024], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=10, max_steps=40, eval_interval=20, char_steps=40, scaling_steps=0, batch_size=8, block_size=64, n_layer=2,
-                   zero_layers=2, zero_width=256, tp_width=128, recipe_width=64, recipe_steps=20),
+                   zero_layers=2, zero_width=256, tp_width=128, recipe_width=64, recipe_steps=20, compile_training=False),
         "02": dict(demo_layers=2, demo_width=64, demo_heads=4, kv_lengths=[16, 32, 64], kv_new_tokens=4, pattern_layer=3),
         "04": dict(base_model="smollm2-tiny-random", n_train=48, n_test=8, n_dialogue_train=16, n_dialogue_test=4, main_steps=3, batch_size=4, lora_rank=8, lr=1e-3,
                    block_size=160, table_steps=1, table_test=4, table_ranks=[8], trl_steps=2, wiki_windows=1, max_new_tokens=4, memory_steps=1),
@@ -52,7 +52,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=4096, compression_sizes=[300, 512, 1024, 2048, 4096, 8192], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=90, max_steps=None, eval_interval=100, char_steps=400, scaling_steps=70, batch_size=16, block_size=128, n_layer=4,
-                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=128, recipe_steps=300),
+                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=128, recipe_steps=300,
+                   compile_training=False),  # 2 cores: compiling repays after thousands of steps, more than 90 s holds
         "02": dict(demo_layers=4, demo_width=128, demo_heads=4, kv_lengths=[64, 128, 256, 512, 1024], kv_new_tokens=6, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=2000, n_test=100, n_dialogue_train=400, n_dialogue_test=32, main_steps=40, batch_size=8, lora_rank=16, lr=1e-3,
                    block_size=160, table_steps=2, table_test=16, table_ranks=[8, 32], trl_steps=6, wiki_windows=8, max_new_tokens=32, memory_steps=2),
@@ -77,7 +78,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "01": dict(vocab_size=16384, compression_sizes=[300, 1024, 4096, 8192, 16384, 32768], val_fraction=0.1, toy_merges=8),
         "03": dict(budget_seconds=1200, max_steps=None, eval_interval=250, char_steps=5000, scaling_steps=2000, batch_size=32, block_size=512, n_layer=8,
-                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=256, recipe_steps=2000),
+                   zero_layers=8, zero_width=512, tp_width=512, recipe_width=256, recipe_steps=2000,
+                   compile_training=True),  # on an H200 the compiled step ran 1.24x eager at these sizes (benchmarks/README.md)
         "02": dict(demo_layers=12, demo_width=768, demo_heads=12, kv_lengths=[256, 512, 1024, 2048, 4096], kv_new_tokens=16, pattern_layer=3),
         "04": dict(base_model="smollm2-135m-instruct", n_train=5000, n_test=300, n_dialogue_train=4000, n_dialogue_test=200, main_steps=400, batch_size=32, lora_rank=16, lr=1e-3,
                    block_size=256, table_steps=50, table_test=200, table_ranks=[8, 32, 128], trl_steps=100, wiki_windows=32, max_new_tokens=32,

@@ -63,7 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast); fp64: the whole model in float64, for exact comparisons
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model; on 2 CPU cores it does not pay (benchmarks/README.md: train_throughput)
+    compile: bool = False  # torch.compile the model: pays on a GPU over a long run, not on 2 CPU cores (benchmarks/README.md: train_throughput)
     seed: int = 1337
     device: str | None = None
     distributed: str = "ddp"  # under torchrun: ddp or fsdp

@@ -316,3 +316,20 @@ def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve(
     lora.attach(other, ["q_proj"], r=4, alpha=8)
     with pytest.raises(ValueError, match="not the ones that train now"):
         train.train(other, batches, config(data_dir, tmp_path / "resumed", **{**settings, "max_steps": 12}), progress=False)
+
+
+def test_a_compiled_run_follows_the_eager_one_and_saves_the_plain_model(data_dir, tmp_path, monkeypatch):
+    """`compile=True` (the gpu preset's notebook 03): the loop trains the compiled module, every step's loss as eager's
+    within float32 reordering, and its checkpoint and Hugging Face folder hold the model's own names. The graph is
+    captured whole (fullgraph) and run by AOTAutograd without Inductor's code generation, which costs a test minutes."""
+    compiled, calls = torch.compile, []
+    monkeypatch.setattr(train.torch, "compile", lambda model: calls.append(model) or compiled(model, backend="aot_eager", fullgraph=True))
+    eager = train.pretrain(config(data_dir, tmp_path / "eager"), progress=False)
+    assert not calls
+    result = train.pretrain(config(data_dir, tmp_path / "compiled", compile=True), progress=False)
+    assert len(calls) == 1
+    np.testing.assert_allclose(metrics(tmp_path / "compiled"), metrics(tmp_path / "eager"), rtol=1e-4)
+    assert result.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-4)
+    state = read_checkpoint(result.out_dir)
+    assert not [k for k in state["model"] if "_orig_mod" in k] and state["step"] == 12
+    assert (result.hf_dir / "model.safetensors").exists()
