@@ -125,9 +125,9 @@ class CompiledStep:
     batch and length instead, ahead of time (llmnb.serve.step): its rows change every step.
 
     On a GPU the step is replayed as a CUDA graph: one launch a step instead of a few hundred kernels
-    launched from Python, which at batch 1 take longer than the kernels run. A graph replays reads and
-    writes at the addresses it recorded, so the cache lives in buffers the step keeps per shape
-    (`fixed_addresses`; `_adopt`), allocated once.
+    launched from Python, which at batch 1 take longer than the kernels run. A replayed graph reads and
+    writes the addresses it recorded, so the cache lives in buffers the step keeps per shape
+    (`fixed_addresses`; `_adopt`): allocated once, and held while the model is (one cache per shape used).
     """
     CACHE_ROUND = 64
 
@@ -175,7 +175,6 @@ class CompiledStep:
         self.shapes.add(shape)
         cache.length += 1
         return logits
-
 
     def _adopt(self, cache: KVCache) -> None:
         """Move `cache` into the step's buffers for its shape (a copy, once per generation). The cache that held them
