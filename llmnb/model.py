@@ -258,7 +258,7 @@ class CausalSelfAttention(nn.Module):
         if c.n_kv_head != c.n_head:  # each group of query heads shares one key/value head
             k = k.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
             v = v.repeat_interleave(c.n_head // c.n_kv_head, dim=1)
-        causal = mask is None and t > 1
+        causal = True if mask is None and t > 1 else False  # a branch, not `t > 1`: traced with a symbolic t that is a SymBool, which SDPA refuses
         if c.attention == "math":
             y = attention_math(q, k, v, mask, causal)
         else:

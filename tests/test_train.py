@@ -321,9 +321,12 @@ def test_a_lora_run_checkpoints_only_its_adapters_and_resumes_on_the_same_curve(
 def test_a_compiled_run_follows_the_eager_one_and_saves_the_plain_model(data_dir, tmp_path, monkeypatch):
     """`compile=True` (the gpu preset's notebook 03): the loop trains the compiled module, every step's loss as eager's
     within float32 reordering, and its checkpoint and Hugging Face folder hold the model's own names. The graph is
-    captured whole (fullgraph) and run by AOTAutograd without Inductor's code generation, which costs a test minutes."""
+    captured whole (fullgraph), with symbolic sizes, and run by AOTAutograd without Inductor's code generation, which
+    costs a test minutes."""
     compiled, calls = torch.compile, []
-    monkeypatch.setattr(train.torch, "compile", lambda model: calls.append(model) or compiled(model, backend="aot_eager", fullgraph=True))
+    # dynamic: sizes traced as symbols, as dynamo does once a process has compiled the model at another shape
+    monkeypatch.setattr(train.torch, "compile",
+                        lambda model: calls.append(model) or compiled(model, backend="aot_eager", fullgraph=True, dynamic=True))
     eager = train.pretrain(config(data_dir, tmp_path / "eager"), progress=False)
     assert not calls
     result = train.pretrain(config(data_dir, tmp_path / "compiled", compile=True), progress=False)
