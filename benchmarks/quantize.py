@@ -54,7 +54,7 @@ def main() -> None:
     rows = {}
 
     def torch_row(name, m):
-        rows[name] = {"bytes": decoding.weight_bytes(m), "perplexity": evaluation.perplexity(m, ids),
+        rows[name] = {"bytes": q.model_bytes(m), "perplexity": evaluation.perplexity(m, ids),
                       "tokens/s": q.decode_speed(m, prompt, args.tokens, repeats=args.repeats)}
         print(name, {k: round(v, 3) for k, v in rows[name].items()}, flush=True)
 

@@ -42,6 +42,7 @@ def main() -> None:
     import torch
 
     from llmnb import checkpoint, decoding
+    from llmnb.quantize import model_bytes
 
     from llmnb.serve import llama_cpp_process, local_server
     from llmnb.serve.loadtest import closed_loop, poisson, warm_up
@@ -115,7 +116,7 @@ def main() -> None:
               f"{at1[o] / at1.iloc[-1]:.2f}x (target <= 1.3)")
     for o in ours:
         prepared = decoding.prepare(checkpoint.load(served[o])[0])  # what the server holds: its weights and its KV cache's size
-        weights = decoding.weight_bytes(prepared)
+        weights = model_bytes(prepared)
         cache = cache_bytes(prepared, slots, args.context, prepared.decoding.dtype, compile="compiled" in o)
         print(f"resident memory: {o} {rss[o] / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
               f"+ {(rss[o] - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two)")

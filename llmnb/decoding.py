@@ -31,14 +31,13 @@ import torch.nn.functional as F
 from . import hardware
 from .lora import adapters
 from .model import GPT, KVCache, swap_module
-from .quantize import model_bytes
 
 
 class PackedLinear(nn.Module):
     """x W^T + b with W held in oneDNN's blocked layout (an opaque tensor); inference only.
 
-    The packed weight replaces the plain one (no second copy) and is no parameter: a prepared model
-    cannot be saved, trained or cast; save or adapt the model before `prepare`.
+    The packed weight replaces the plain one (no second copy) and is opaque: a prepared model cannot be saved,
+    trained or cast; save or adapt the model before `prepare`.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -46,8 +45,9 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.dtype = weight.dtype
-        self.weight_bytes = weight.numel() * weight.element_size()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # laid out for one row: decoding's case
+        # laid out for one row: decoding's case. A parameter, so that an exported step (serve.step) names it by its place in
+        # the model and reads the server's own tensor; a buffer would be copied, a plain attribute renamed
+        self.packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,9 +276,3 @@ def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, co
     model.decoding = Decoding(dtype, why, packed, CompiledStep(model) if compile else None)
     hardware.release_freed_memory()  # the fp32 weights just replaced: hand their pages back, or the server's memory keeps them
     return model
-
-
-def weight_bytes(model: GPT) -> int:
-    """Bytes of the weights a model decodes with, prepared or not: `quantize.model_bytes` plus the packed matrices
-    (no parameters, so model_bytes does not see them), at their plain size."""
-    return model_bytes(model) + sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))

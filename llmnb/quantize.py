@@ -417,13 +417,15 @@ def load_quantized(folder: str | Path, scheme: str | None = None, light_tokenize
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes a model's weights take in memory, for ours, bitsandbytes' and torchao's layers alike (each storage counted once)."""
+    """Bytes a model's weights take in memory, for ours (packed for decoding too), bitsandbytes' and torchao's layers alike
+    (each storage counted once)."""
     seen, total = set(), 0
 
     def add(t: torch.Tensor | None) -> None:
         nonlocal total
-        if t is not None and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        key = None if t is None else id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN's packed weights have no storage to share
+        if key is not None and key not in seen:
+            seen.add(key)
             total += t.numel() * t.element_size()
 
     for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:

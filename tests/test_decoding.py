@@ -9,7 +9,7 @@ from llmnb import decoding, hardware
 from llmnb.generate import generate, generate_stream
 from llmnb.lora import attach
 from llmnb.model import GPT, GPTConfig
-from llmnb.quantize import quantize_model
+from llmnb.quantize import model_bytes, quantize_model
 
 cpu_paths = pytest.mark.cpu_paths  # oneDNN's kernels differ with the processor: run again on the lower path
 
@@ -64,7 +64,7 @@ def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():
     fast = decoding.prepare(copy.deepcopy(model), torch.float32)
     assert fast.lm_head.weight is fast.wte.weight and type(fast.lm_head) is nn.Linear
     plain_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(b.numel() * 4 for b in model.buffers())
-    assert decoding.weight_bytes(fast) == plain_bytes  # packed matrices replace the plain ones
+    assert model_bytes(fast) == plain_bytes  # packed matrices replace the plain ones
     assert not any(isinstance(m, nn.Linear) and m is not fast.lm_head for m in fast.modules())
 
 

@@ -69,6 +69,37 @@ def test_the_library_reads_the_models_own_tensors_no_copy(model):
     torch.testing.assert_close(after, eager, atol=1e-5, rtol=0)
 
 
+@pytest.mark.cpu_paths  # oneDNN's packed layout and kernel follow the processor: run again on the lower path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_library_computes_with_the_weights_prepare_packed_for_onednn(model, dtype):
+    """What a server holds: the model after decoding.prepare, its matrices in oneDNN's layout. The library serves what
+    the eager step does with them, and reads those very tensors: one scaled in place changes what it computes."""
+    from llmnb.decoding import PackedLinear, prepare
+
+    packed = prepare(copy.deepcopy(model), dtype)
+    assert packed.decoding.packed > 0 and isinstance(packed.blocks[1].mlp.down_proj, PackedLinear)
+    s = _built(packed)
+    tokens, logprobs = _joining_and_leaving(s)
+    assert not s.graph.failed, s.graph.failed
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(packed, max_batch=3, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5 if dtype == torch.float32 else 0.03, rtol=0)
+
+    c, graph = packed.config, s.graph
+    tokens, positions = torch.tensor([[3], [9]]), torch.tensor([2, 5])
+    cache = lambda: [torch.randn(2, c.n_kv_head, 8, c.head_dim, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(c.n_layer)]  # noqa: E731
+    atol = 1e-5 if dtype == torch.float32 else 0.01  # logits of order 0.3: bf16 keeps 8 bits
+    before = graph(tokens, positions, cache(), cache())
+    with torch.no_grad():
+        for block in packed.blocks:
+            block.mlp.down_proj.packed.mul_(10.0)
+            block.attn.o_proj.packed.mul_(10.0)
+    after = graph(tokens, positions, cache(), cache())
+    eager = DecodeStep(packed)(tokens, positions, row_mask(positions, 6), cache(), cache())
+    assert (after - before).abs().max() > 10 * atol
+    torch.testing.assert_close(after, eager, atol=atol, rtol=0)
+
+
 def test_a_server_loads_its_library_without_the_compilers_python_side():
     """The server process only loads the library: dynamo and sympy (80 MB resident) stay out of it; the child compiles."""
     import subprocess

@@ -12,8 +12,9 @@ SmolLM2 server's step held 1200 MB resident where weights and KV cache are 326 M
 state and a second, packed copy of every weight matrix. Here the server holds only the library (a few MB; its
 weights are not in it) and hands it pointers to the model's own tensors (`load_constants(..., user_managed=True)`).
 No weight is stored twice, no compiler state stays in the server, and a restarted server finds its library on disk.
-The cost: without frozen weights Inductor cannot autotune the products against them, so each product keeps
-ATen's kernel (benchmarks/README.md measures both).
+The weights are the ones `decoding.prepare` packed for oneDNN, so the library calls oneDNN's kernel on them (at one
+row on an AVX-512 BF16 Xeon, about twice the bandwidth of ATen's bf16 product on plain weights). The cost: without
+frozen weights Inductor cannot autotune the products against them (benchmarks/README.md measures both).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import hardware
-from ..decoding import compiler_available, next_logits
+from ..decoding import PackedLinear, compiler_available, next_logits
 from ..model import GPT
 from ..paths import outputs_dir
 from .launch import die_with_parent
@@ -123,7 +124,8 @@ def export(step: DecodeStep) -> torch.export.ExportedProgram:
 def compile_library(step: DecodeStep, path: Path) -> None:
     """Export `step` and build its library at `path`, in a child process: the compiler's memory never joins the
     server's. The child gets the step's structure only (on the meta device): the weights' values are not in the library."""
-    memo = {id(p): nn.Parameter(p.to("meta"), requires_grad=False) for p in step.parameters()}
+    # on the meta device a packed weight (decoding.PackedLinear) is a plain one of its shape; the child packs it again
+    memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False) for p in step.parameters()}
     memo |= {id(b): b.to("meta") for b in step.buffers()}
     memo[id(getattr(step.model, "decoding", None))] = None  # what prepare() did: not needed, and holds graphs
     with tempfile.TemporaryDirectory() as folder:
@@ -225,6 +227,9 @@ class StepGraph:
 def _main(request: str, path: str) -> None:
     """The child's work: the step from `request` (meta weights), exported and compiled to `path`."""
     step = torch.load(request, weights_only=False).to_empty(device="cpu")  # values unused: the server hands over its own
+    for layer in step.modules():
+        if isinstance(layer, PackedLinear):  # oneDNN's layout is fixed by shape, dtype and processor, not by values
+            layer.packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(layer.packed.zero_(), 1), requires_grad=False)
     with torch.no_grad():
         program = export(step)
     partial = f"{path.removesuffix('.pt2')}.{os.getpid()}.partial.pt2"  # two servers building one library: each replaces it whole
