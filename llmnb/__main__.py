@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from .hardware import limit_heap_arenas
+    from .hardware import limit_heap_arenas, limit_kernel_caches
     from .serve.app import ServeConfig, create_app
 
     limit_heap_arenas()  # before the loading, scheduling and HTTP threads start: each would keep an arena's free pages
+    limit_kernel_caches()  # before the first matrix product: up to 1024 kernels kept, one per prompt length and shape
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
         print("llmnb serve: --max-batch and --max-body-bytes must be >= 1, --max-waiting >= 0", file=sys.stderr)

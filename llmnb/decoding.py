@@ -245,11 +245,21 @@ class Decoding:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names `prepare` takes (the CLI offers the first two)
 
 
+def packable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can hold weights of `dtype` packed on this CPU: bf16 and fp16 need AVX-512 (or AVX-NE-CONVERT),
+    and oneDNN refuses them below; elsewhere a model asked to decode in them keeps PyTorch's plain layout."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return {torch.float32: True, torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+            torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported()}.get(dtype, False)
+
+
 def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, compile: bool = False) -> GPT:
     """`model`, in place, in the dtype its device decodes fastest in (or `dtype`), linear weights packed; returns it.
 
     Quantized layers (llmnb.quantize) keep their codes and compute with activations in that dtype.
-    Packing needs PyTorch's oneDNN (mkldnn) on a CPU; elsewhere the layers are left as they are.
+    Packing needs PyTorch's oneDNN (mkldnn) on a CPU, in a dtype it packs there (`packable`); elsewhere the layers
+    are left as they are.
     `compile`: each decoding step of `llmnb.generate` runs as one compiled graph (`CompiledStep`,
     which packs the weights itself); the prompt's prefill stays eager.
     """
@@ -268,7 +278,7 @@ def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, co
         dtype, why = named, f"{str(named).removeprefix('torch.')} (asked for)"
     model.eval().requires_grad_(False).to(dtype)  # floating tensors only: int8/int4 codes keep theirs
     packed = 0
-    if pack and not compile and device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if pack and not compile and device.type == "cpu" and packable(dtype):
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear and module.weight is not model.wte.weight:  # a tied head stays the embedding's
                 swap_module(model, name, PackedLinear(module))

@@ -1,5 +1,6 @@
 """The fast decoding path computes what the model computes: packed weights = plain weights, bf16 chosen only where native."""
 import copy
+import os
 
 import pytest
 import torch
@@ -48,6 +49,7 @@ def test_packed_weights_compute_what_the_plain_ones_do(flavour):
 
 
 @cpu_paths
+@pytest.mark.skipif(not decoding.packable(torch.bfloat16), reason="oneDNN packs bf16 from AVX-512 up")
 def test_bf16_packed_agrees_with_plain_bf16_within_bf16_rounding():
     model = _biased(_models()["gpt2"])
     plain = copy.deepcopy(model).to(torch.bfloat16)
@@ -100,6 +102,22 @@ def test_without_onednn_the_layers_stay_plain(monkeypatch):
     fast = decoding.prepare(_models()["gpt2"], torch.float32)
     assert fast.decoding.packed == 0 and "plain layout" in str(fast.decoding)
     assert generate(fast, torch.tensor([[1, 2, 3]]), 3, temperature=0).shape == (1, 6)
+
+
+def test_where_onednn_cannot_pack_bf16_an_asked_for_bf16_stays_plain():
+    """Below AVX-512 oneDNN refuses to pack bf16 weights (an error, before `packable`): capped at AVX2 in a fresh
+    process, a model asked to decode in bf16 keeps the plain layout, says so and generates."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from llmnb import decoding; from llmnb.generate import generate; from llmnb.model import GPT, GPTConfig; "
+            "m = decoding.prepare(GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=16)).eval(), torch.bfloat16); "
+            "print(decoding.packable(torch.bfloat16), decoding.packable(torch.float32), m.decoding.packed, "
+            "tuple(generate(m, torch.tensor([[1, 2]]), 3, temperature=0).shape))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "0", "(1,", "5)"], out.stdout
 
 
 def test_what_a_prepared_model_refuses():

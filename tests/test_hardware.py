@@ -108,6 +108,28 @@ f = libc.fopen(b"{tmp_path / 'info.xml'}", b"w"); libc.malloc_info(0, ctypes.c_v
     assert heaps <= 2 if limit else heaps > 2, heaps
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's kernels")
+def test_kernel_caches_are_limited_even_after_torch_is_imported():
+    """A oneDNN product at 48 row counts compiles 48 kernels; kept (the default) they hold tens of MB, limited to 4
+    they do not. Each case in a fresh process: the caches read their size once."""
+    code = """
+import os, sys, torch
+DTYPE = torch.float32  # bf16 kernels are smaller where oneDNN emulates bf16, and absent below AVX-512
+from llmnb import hardware
+env = {k: os.environ.get(k) for k in hardware.KERNEL_CACHE_VARIABLES}
+if sys.argv[1] == "limit": hardware.limit_kernel_caches(4)
+weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(1536, 576).to(DTYPE), 1)
+def product(rows): torch.ops.mkldnn._linear_pointwise(torch.ones(rows, 576, dtype=DTYPE), weight, None, "none", [], "")
+product(2); before = hardware.release_freed_memory()
+for rows in range(3, 51): product(rows)
+print((hardware.release_freed_memory() - before) / 1e6, env)
+"""
+    grown = {case: subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, check=True).stdout.split(maxsplit=1)
+             for case in ("keep", "limit")}
+    assert float(grown["keep"][0]) > 10 and float(grown["limit"][0]) < float(grown["keep"][0]) / 3, grown
+    assert "'4'" not in grown["limit"][1]  # set by the call, not inherited
+
+
 def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
