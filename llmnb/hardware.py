@@ -101,13 +101,15 @@ def limit_heap_arenas(arenas: int = 2) -> None:
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
-def limit_kernel_caches(kernels: int = 64) -> None:
+def limit_kernel_caches(kernels: int = 16) -> None:
     """Keep at most `kernels` of oneDNN's compiled matrix products in this process; call before its first one.
 
     oneDNN compiles a kernel for each shape it multiplies, and PyTorch keeps up to 1024 of them: one per prompt length
-    for each of a layer's matrix shapes. On SmolLM2's packed bf16 weights each held 0.6-0.8 MB, so a server's memory
-    grew with every new prompt length (issue 23), while making one again takes about a millisecond. Both caches read
-    their size at their first use, so this works after `import torch`; a value set in the environment is kept.
+    (and per number of rows decoded together) for each of a layer's matrix shapes. On SmolLM2's packed bf16 weights
+    each held 0.6-0.8 MB, so a server's memory grew with every new prompt length (issue 23), while making one again
+    takes about a millisecond. A decoding step uses five shapes (SmolLM2's four, and the head), so 16 keep the steps
+    of three batch sizes. Both caches read their size at their first use, so this works after `import torch`; a
+    value set in the environment is kept.
     """
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(kernels))
