@@ -45,10 +45,15 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.dtype = weight.dtype
-        # laid out for one row: decoding's case. A parameter, so that an exported step (serve.step) names it by its place in
-        # the model and reads the server's own tensor; a buffer would be copied, a plain attribute renamed
-        self.packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
+        self.packed = self.pack(weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    @staticmethod
+    def pack(weight: torch.Tensor) -> nn.Parameter:
+        """`weight` (out, in) in oneDNN's layout, laid out for one row: decoding's case. A parameter, so that an exported
+        step (serve.step) names it by its place in the model and reads the server's own tensor; a buffer would be
+        copied, a plain attribute renamed."""
+        return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:

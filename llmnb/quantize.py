@@ -423,8 +423,10 @@ def model_bytes(model: nn.Module) -> int:
 
     def add(t: torch.Tensor | None) -> None:
         nonlocal total
-        key = None if t is None else id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN's packed weights have no storage to share
-        if key is not None and key not in seen:
+        if t is None:
+            return
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN's packed weights have no storage to share
+        if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
 

@@ -229,7 +229,7 @@ def _main(request: str, path: str) -> None:
     step = torch.load(request, weights_only=False).to_empty(device="cpu")  # values unused: the server hands over its own
     for layer in step.modules():
         if isinstance(layer, PackedLinear):  # oneDNN's layout is fixed by shape, dtype and processor, not by values
-            layer.packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(layer.packed.zero_(), 1), requires_grad=False)
+            layer.packed = PackedLinear.pack(layer.packed.zero_())
     with torch.no_grad():
         program = export(step)
     partial = f"{path.removesuffix('.pt2')}.{os.getpid()}.partial.pt2"  # two servers building one library: each replaces it whole
