@@ -78,6 +78,34 @@ def test_continuing_a_cache_with_several_tokens_matches_a_full_pass(pair):
         torch.testing.assert_close(tail, ours(x)[0][:, 7:], atol=1e-5, rtol=0)
 
 
+def test_one_query_attention_equals_sdpa_on_repeated_heads():
+    """Decoding's grouped attention against PyTorch's SDPA over keys and values repeated per query head, in float64:
+    a head that read the wrong key/value head, a mask ignored or a missing scale would each differ by far more."""
+    torch.manual_seed(0)
+    b, nh, n_kv, length, hs = 3, 6, 2, 9, 8
+    q, k, v = torch.randn(b, nh, 1, hs, dtype=torch.float64), *torch.randn(2, b, n_kv, length, hs, dtype=torch.float64)
+    mask = (torch.arange(length) <= torch.tensor([8, 4, 0])[:, None])[:, None, None, :]  # (B, 1, 1, L): rows of unequal lengths
+    group = nh // n_kv
+    for m in (mask, None):
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=m)
+        torch.testing.assert_close(M.attention_one_query(q, k, v, m), want, atol=1e-12, rtol=0)
+    half = M.attention_one_query(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.double(), M.attention_one_query(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), mask),
+                               atol=1e-2, rtol=0)  # fp32 inside: only the output's bf16 rounding
+
+
+@pytest.mark.cpu_paths
+def test_decoding_one_token_at_a_time_matches_transformers(pair):
+    """Every step after the prompt takes the one-query path (t == 1); its logits are transformers' at each position."""
+    ours, hf = pair
+    x = torch.randint(0, 320, (2, 10))
+    cache = M.KVCache(ours.config, 2, 10, "cpu", torch.float32)
+    with torch.no_grad():
+        steps = [ours(x[:, :4], cache=cache)[0][:, -1]] + [ours(x[:, i:i + 1], cache=cache)[0][:, -1] for i in range(4, 10)]
+        torch.testing.assert_close(torch.stack(steps, 1), hf(x).logits[:, 3:], atol=1e-5, rtol=0)
+
+
 def test_accounting_agrees_with_the_budget_and_a_real_cache(pair):
     ours, hf = pair
     shape = ours.config.shape()
