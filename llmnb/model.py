@@ -15,7 +15,9 @@ Every matrix is its own `nn.Linear`, named as Llama names them (`q_proj`, `k_pro
 `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), so that an adapter or a
 quantized layer addresses the query and value projections separately, with the same
 target names `peft` uses. GPT-2's fused `c_attn` matrix is split into q, k and v by the
-bridge. Sampling lives in `llmnb.generate`; `token_logprobs` scores given text.
+bridge. For inference only, `llmnb.decoding` stacks q, k and v (and gate and up) into one
+product each (`qkv`, `gate_up`): one multiplication instead of three runs faster at one token.
+Sampling lives in `llmnb.generate`; `token_logprobs` scores given text.
 """
 from __future__ import annotations
 
@@ -260,14 +262,23 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
         self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
         self.o_proj = nn.Linear(config.attn_dim, config.n_embd, bias=config.bias)
+        self.qkv: nn.Module | None = None  # q, k and v as one product: llmnb.decoding fuses them for inference
         self.dropout = config.dropout
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, T, width each): three products, or one where their weights were stacked (`qkv`)."""
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv_dim = self.config.n_kv_head * self.config.head_dim
+        return self.qkv(x).split([self.config.attn_dim, kv_dim, kv_dim], dim=-1)
 
     def forward(self, x, rope, mask, cache: KVCache | PrefixCache | None, layer: int) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, c.n_head, c.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = self.v_proj(x).view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(b, t, c.n_head, c.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(b, t, c.n_kv_head, c.head_dim).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -296,10 +307,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.gate_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias) if self.gated else None
         self.down_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+        self.gate_up: nn.Module | None = None  # gate and up as one product: llmnb.decoding fuses them for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 

@@ -10,7 +10,7 @@ from llmnb import decoding, hardware
 from llmnb.generate import generate, generate_stream
 from llmnb.lora import attach
 from llmnb.model import GPT, GPTConfig
-from llmnb.quantize import model_bytes, quantize_model
+from llmnb.quantize import QuantLinear, model_bytes, quantize_model
 
 cpu_paths = pytest.mark.cpu_paths  # oneDNN's kernels differ with the processor: run again on the lower path
 
@@ -40,7 +40,8 @@ def test_packed_weights_compute_what_the_plain_ones_do(flavour):
         logits = model(x)[0]
     tokens, logprobs = generate(model, x[:, :5], 12, temperature=0, return_logprobs=True)
     fast = decoding.prepare(copy.deepcopy(model), torch.float32)
-    assert fast.decoding.packed == 6 * 2 + (flavour == "llama") * 2 and isinstance(fast.blocks[0].mlp.down_proj, decoding.PackedLinear)
+    assert fast.decoding.packed == 4 * 2 and isinstance(fast.blocks[0].mlp.down_proj, decoding.PackedLinear)  # qkv, o, (gate_)up, down
+    assert fast.decoding.fused == 2 * (1 + (flavour == "llama")) and fast.blocks[1].attn.q_proj is None
     with torch.no_grad():
         torch.testing.assert_close(fast(x)[0], logits, atol=2e-5, rtol=0)
     fast_tokens, fast_logprobs = generate(fast, x[:, :5], 12, temperature=0, return_logprobs=True)
@@ -57,8 +58,23 @@ def test_bf16_packed_agrees_with_plain_bf16_within_bf16_rounding():
     x = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         a, b, exact = plain(x)[0].float(), fast(x)[0].float(), model(x)[0]
-    assert fast.blocks[0].attn.q_proj.packed.dtype == torch.bfloat16 and fast.lm_head.weight.dtype == torch.bfloat16
+    assert fast.blocks[0].attn.qkv.packed.dtype == torch.bfloat16 and fast.lm_head.weight.dtype == torch.bfloat16
     assert (a - b).abs().max() < 0.05 and (b - exact).abs().max() < 0.1  # logits of order 1; bf16 keeps 8 bits
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int8-dynamic"])
+def test_stacked_layers_compute_their_parts_side_by_side(scheme):
+    """Stacked rows give each part's own output, bias included (plain and int8 codes with their row scales); layers
+    of another kind, or of two kinds, are left apart."""
+    torch.manual_seed(0)
+    parts = [_biased(nn.Linear(64, n, bias=True)) for n in (32, 16, 16)]
+    if scheme:
+        parts = [QuantLinear.from_linear(m, scheme) for m in parts]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(decoding.stacked(parts)(x), torch.cat([m(x) for m in parts], -1), atol=1e-6, rtol=0)
+    assert decoding.stacked([parts[0], nn.Linear(64, 8) if scheme else QuantLinear.from_linear(parts[1], "int8")]) is None
+    assert decoding.stacked([quantize_model(_models()["gpt2"], "int4").blocks[0].attn.q_proj] * 2) is None
 
 
 def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():
@@ -125,7 +141,7 @@ def test_what_a_prepared_model_refuses():
     with pytest.raises(RuntimeError, match="save the model before"):
         fast.state_dict()
     with pytest.raises(TypeError, match="packed in torch.float32"):
-        fast.blocks[0].attn.q_proj(torch.ones(1, 64, dtype=torch.bfloat16))
+        fast.blocks[0].attn.qkv(torch.ones(1, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="dtype must be"):
         decoding.prepare(_models()["gpt2"], "int8")
     adapted = _models()["gpt2"]
