@@ -77,6 +77,21 @@ def test_stacked_layers_compute_their_parts_side_by_side(scheme):
     assert decoding.stacked([quantize_model(_models()["gpt2"], "int4").blocks[0].attn.q_proj] * 2) is None
 
 
+def test_a_row_linear_compiled_computes_the_layer_and_eagerly_is_the_layer():
+    """Compiled at one row it is a reduction (fp32 sums, bias added); eagerly, and at more rows, F.linear itself; it
+    holds the layer's own parameters."""
+    torch.manual_seed(0)
+    linear = _biased(nn.Linear(48, 40))
+    row = decoding.RowLinear(linear)
+    assert row.weight is linear.weight and row.bias is linear.bias
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(row, fullgraph=True)(x), linear(x), atol=1e-6, rtol=0)
+        assert torch.equal(row(x), linear(x)) and torch.equal(row(x.expand(3, 2, 48)), linear(x.expand(3, 2, 48)))
+    model = _models()["llama"]
+    assert decoding.row_linears(model) == 2 * 7 + 1 and model.lm_head.weight is model.wte.weight
+
+
 def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():
     model = _models()["llama"]
     fast = decoding.prepare(copy.deepcopy(model), torch.float32)

@@ -35,11 +35,12 @@ def _built(model, max_batch=3) -> Scheduler:
 @pytest.mark.cpu_paths  # Inductor writes its C++ for the processor's vector ISA: run again on the lower path
 @pytest.mark.parametrize("max_batch", [1, 3])
 def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
-    """One library for every number of rows and every cache: one row (served as two), rows joining and leaving, caches
-    of 2 and 3 slots; a call it refused would fall back to eager and set `failed`."""
+    """One library for every number of rows and every cache, and one for a single row (its products as reductions):
+    rows joining and leaving, caches of 2 and 3 slots; a call either refused would fall back and say so."""
     compiled = _built(model, max_batch)
+    assert compiled.graph.single is not None, compiled.graph.single_failed
     tokens, logprobs = _joining_and_leaving(compiled)
-    assert not compiled.graph.failed, compiled.graph.failed
+    assert not compiled.graph.failed and not compiled.graph.single_failed, (compiled.graph.failed, compiled.graph.single_failed)
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=max_batch, context=64))
     assert tokens == eager_tokens
     torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
@@ -53,20 +54,22 @@ def test_a_second_server_finds_the_library_on_disk(model):
 
 
 def test_the_library_reads_the_models_own_tensors_no_copy(model):
-    """Weights changed in place after loading change what the library computes: it holds pointers, not a copy."""
-    changed = copy.deepcopy(model)
-    graph = _built(changed).graph
-    tokens, positions = torch.tensor([[3], [9]]), torch.tensor([2, 5])
-    c = changed.config
+    """Weights changed in place after loading change what the libraries compute (two rows, and one): they hold
+    pointers, not a copy."""
+    c = model.config
     cache = lambda: [torch.randn(2, c.n_kv_head, 8, c.head_dim, generator=torch.Generator().manual_seed(i)) for i in range(c.n_layer)]  # noqa: E731
-    before = graph(tokens, positions, cache(), cache())
-    with torch.no_grad():
-        changed.blocks[1].mlp.down_proj.weight.mul_(3.0)
-        changed.wte.weight[3] += 1.0  # the tied head too
-    after = graph(tokens, positions, cache(), cache())
-    eager = DecodeStep(changed)(tokens, positions, row_mask(positions, 6), cache(), cache())
-    assert (after - before).abs().max() > 0.1
-    torch.testing.assert_close(after, eager, atol=1e-5, rtol=0)
+    for tokens, positions in [(torch.tensor([[3], [9]]), torch.tensor([2, 5])), (torch.tensor([[3]]), torch.tensor([4]))]:
+        changed = copy.deepcopy(model)
+        graph = _built(changed).graph
+        before = graph(tokens, positions, cache(), cache())
+        with torch.no_grad():
+            changed.blocks[1].mlp.down_proj.weight.mul_(3.0)
+            changed.wte.weight[3] += 1.0  # the tied head too
+        after = graph(tokens, positions, cache(), cache())
+        eager = DecodeStep(changed)(tokens, positions, row_mask(positions, int(positions.max()) + 1), cache(), cache())
+        assert (after - before).abs().max() > 0.1
+        torch.testing.assert_close(after, eager, atol=1e-5, rtol=0)
+        assert graph.single is not None and not graph.failed and not graph.single_failed
 
 
 @pytest.mark.cpu_paths  # oneDNN's packed layout and kernel follow the processor: run again on the lower path
@@ -81,6 +84,7 @@ def test_the_library_computes_with_the_weights_prepare_packed_for_onednn(model, 
     packed = prepare(copy.deepcopy(model), dtype)
     assert packed.decoding.packed > 0 and isinstance(packed.blocks[1].mlp.down_proj, PackedLinear)
     s = _built(packed)
+    assert s.graph.single is None  # reductions read plain weights: one row is served as two
     tokens, logprobs = _joining_and_leaving(s)
     assert not s.graph.failed, s.graph.failed
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(packed, max_batch=3, context=64))
@@ -139,7 +143,7 @@ def test_an_int8_model_with_bf16_activations_serves_what_its_eager_step_does(mod
 
 
 def test_a_failed_build_says_why_and_serves_eagerly(model, monkeypatch, tmp_path):
-    monkeypatch.setattr(step, "library_path", lambda _: tmp_path / "step.pt2")  # nothing on disk: the child builds
+    monkeypatch.setattr(step, "library_path", lambda _, rows="many": tmp_path / "step.pt2")  # nothing on disk: the child builds
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # Inductor's compiler, in the child
     s = Scheduler(model, max_batch=2, context=64, compile=True)
     with pytest.warns(UserWarning, match=r"the compiled step failed \(RuntimeError: building the step's library failed .*\); serving eagerly"):

@@ -52,8 +52,9 @@ class Served:
         if self.config.adapter:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
-        # bf16 where the CPU computes it natively, weights packed for oneDNN (the compiled step reads the packed ones); a tied head stays tied
-        decoding.prepare(model, self.config.dtype)
+        # bf16 where the CPU computes it natively; q/k/v and gate/up fused; a tied head stays tied. Eager: weights packed
+        # for oneDNN. Compiled: plain, which the single-row library streams as reductions (serve.step.StepGraph)
+        decoding.prepare(model, self.config.dtype, pack=not self.config.compile)
         self.model, self.tokenizer = model, tokenizer
         self.hf = isinstance(tokenizer, FolderTokenizer) or hasattr(tokenizer, "apply_chat_template")  # decode takes skip_special_tokens
         self.chat_template = bool(getattr(tokenizer, "chat_template", None))

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import hardware
-from ..decoding import PackedLinear, compiler_available, next_logits
+from ..decoding import PackedLinear, compiler_available, next_logits, row_linears
 from ..model import GPT
 from ..paths import outputs_dir
 from .launch import die_with_parent
@@ -87,13 +87,14 @@ def weights(step: DecodeStep) -> dict[str, torch.Tensor]:
     return {**dict(step.named_parameters(remove_duplicate=False)), **dict(step.named_buffers(remove_duplicate=False))}
 
 
-def library_path(step: DecodeStep) -> Path:
+def library_path(step: DecodeStep, rows: str = "many") -> Path:
     """Where the library of this step lives: named by everything its code depends on and nothing its weights hold.
 
     The key: every weight's name, shape and dtype; the source of every module class in the model and of this file;
     the processor, torch's version and the kernel switches (Inductor writes C++ for the vector ISA they allow); the
-    threads (its parallel loops are compiled for a number of them). A fine-tune of the same architecture finds its
-    base model's library; a changed model.py builds a new one.
+    threads (its parallel loops are compiled for a number of them); `rows`, which library ("many": 2 or more rows;
+    "one": a single row, its products as reductions). A fine-tune of the same architecture finds its base model's
+    library; a changed model.py builds a new one.
     """
     classes = sorted({type(m) for m in step.modules()}, key=lambda c: c.__qualname__)
     sources = sorted({inspect.getsourcefile(c) or "" for c in classes} | {__file__})
@@ -102,28 +103,30 @@ def library_path(step: DecodeStep) -> Path:
         key.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     for path in sources:
         key.update(Path(path).read_bytes() if Path(path).is_file() else path.encode())
-    key.update(f"{hardware.machine_fingerprint('cpu')}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}".encode())
+    key.update(f"{hardware.machine_fingerprint('cpu')}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}|{rows}".encode())
     return outputs_dir("cache", "steps") / f"{key.hexdigest()[:24]}.pt2"
 
 
-def export(step: DecodeStep) -> torch.export.ExportedProgram:
-    """The step traced for any rows (2 or more), cache slots, mask length and cache positions.
+def export(step: DecodeStep, rows: str = "many") -> torch.export.ExportedProgram:
+    """The step traced for any rows (2 or more; `rows="one"`: exactly one), cache slots, mask length and cache positions.
 
     The example gives each size a distinct value above 1: one of 0 or 1, or two equal, would be specialised or tied."""
     c, dtype = step.model.config, step.model.norm_f.weight.dtype
-    rows, length = torch.export.Dim("rows", min=2), torch.export.Dim("length", min=2)
+    length = torch.export.Dim("length", min=2)
     slots, positions = torch.export.Dim("slots", min=2), torch.export.Dim("positions", min=2)
     keys = [torch.zeros(5, c.n_kv_head, 13, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]  # (slots, n_kv, positions, hs)
     values = [torch.zeros_like(k) for k in keys]
-    at = torch.arange(3) + 4
+    n, by_row = (1, {}) if rows == "one" else (3, {0: torch.export.Dim("rows", min=2)})
+    at = torch.arange(n) + 4
     cache = [{0: slots, 2: positions}] * c.n_layer
-    return torch.export.export(step, (torch.zeros(3, 1, dtype=torch.long), at, row_mask(at, 11), keys, values),
-                               dynamic_shapes=({0: rows}, {0: rows}, {0: rows, 3: length}, cache, cache))
+    return torch.export.export(step, (torch.zeros(n, 1, dtype=torch.long), at, row_mask(at, 11), keys, values),
+                               dynamic_shapes=(by_row, by_row, {**by_row, 3: length}, cache, cache))
 
 
-def compile_library(step: DecodeStep, path: Path) -> None:
-    """Export `step` and build its library at `path`, in a child process: the compiler's memory never joins the
-    server's. The child gets the step's structure only (on the meta device): the weights' values are not in the library."""
+def compile_library(step: DecodeStep, path: Path, rows: str = "many") -> None:
+    """Export `step` for `rows` ("many" or "one") and build its library at `path`, in a child process: the compiler's
+    memory never joins the server's. The child gets the step's structure only (on the meta device): the weights'
+    values are not in the library."""
     # on the meta device a packed weight (decoding.PackedLinear) is a plain one of its shape; the child packs it again
     memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False) for p in step.parameters()}
     memo |= {id(b): b.to("meta") for b in step.buffers()}
@@ -133,7 +136,7 @@ def compile_library(step: DecodeStep, path: Path) -> None:
         torch.save(copy.deepcopy(step, memo), request)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the library's loops are written for the server's threads
-        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(path)], env=env,
+        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(path), rows], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         _CHILDREN.add(child)
         try:
@@ -152,45 +155,65 @@ def _stop_children() -> None:
 
 
 class StepGraph:
-    """The scheduler's decoding step as one compiled library, for any number of rows (2 or more) and any cache.
+    """The scheduler's decoding step as compiled libraries: one for any number of rows (2 or more) and any cache, and,
+    where the weights are plain (not packed for oneDNN), one for a single row whose products are reductions
+    (decoding.RowLinear: at one row they stream the weights about twice as fast as PyTorch's kernels).
 
-    `build` finds the library on disk or has a child process compile it (`compile_library`), then loads it; the
-    scheduler serves eagerly meanwhile. One row is served as two (a free row computes beside it): the library takes
-    2 rows or more, as a size of 1 would have been specialised. Any failure, building or calling, warns once and
-    leaves the step eager (`failed` says why).
+    `build` finds each library on disk or has a child process compile it (`compile_library`), then loads it; the
+    scheduler serves eagerly meanwhile. Without the single-row library one row is served as two (a free row computes
+    beside it): the library of many takes 2 rows or more, as a size of 1 would have been specialised. Any failure,
+    building or calling, warns once and leaves the step eager (`failed` says why); a failing single-row library
+    only sends one row through the library of many (`single_failed`).
     """
     MIN_ROWS = 2
 
     def __init__(self, step: DecodeStep):
-        self.step = step  # the eager step: what the library was traced from, and the fallback
-        self.runner = None
-        self.compile_seconds = 0.0  # 0 when the library was found on disk
+        self.step = step  # the eager step: what the libraries were traced from, and the fallback
+        self.runner = None  # rows >= 2
+        self.single = None  # exactly one row
+        self.one_row = not any(isinstance(m, PackedLinear) for m in step.modules())  # reductions read plain weights only
+        self.compile_seconds = 0.0  # 0 when the libraries were found on disk
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
+        self.single_failed = ""
 
     def build(self) -> None:
-        """Find or compile the library, and load it with the model's own weights."""
+        """Find or compile the libraries, and load them with the model's own weights."""
         if self.failed:  # no compiler: nothing to build
             warnings.warn(f"llmnb.serve: {self}; serving eagerly")
             return
         try:
             self.path = library_path(self.step)
-            if not self.path.is_file():
-                start = time.perf_counter()
-                compile_library(self.step, self.path)
-                self.compile_seconds = time.perf_counter() - start
-            # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo,
-            # sympy), 80 MB the server keeps for nothing
-            runner = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
-            # pointers to the model's tensors, kept alive by the model: no copy
-            runner.load_constants(weights(self.step), False, True, user_managed=True)
+            self.runner = self._load("many")
         except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
             self._fail(exc)
             return
-        self.runner = runner
+        if self.one_row:
+            try:
+                self.single = self._load("one")
+            except Exception as exc:  # noqa: BLE001 - one row is served as two instead
+                self._fail_single(exc)
+
+    def _load(self, rows: str):
+        """The library for `rows`, compiled first if it is not on disk, reading the model's own tensors."""
+        path = library_path(self.step, rows)
+        if not path.is_file():
+            start = time.perf_counter()
+            compile_library(self.step, path, rows)
+            self.compile_seconds += time.perf_counter() - start
+        # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo,
+        # sympy), 80 MB the server keeps for nothing
+        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        runner.load_constants(weights(self.step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
+        return runner
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         n = tokens.shape[0]
+        if n == 1 and self.single is not None:
+            try:
+                return self.single.boxed_run([tokens, positions, row_mask(positions, int(positions[0]) + 1), *keys, *values])[0]
+            except Exception as exc:  # noqa: BLE001 - one row through the library of many from now on
+                self._fail_single(exc)
         pad = max(0, self.MIN_ROWS - n)  # the padding rows write at position 0 of free rows, which a prefill overwrites
         tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
         mask = row_mask(positions, int(positions.max()) + 1)
@@ -202,9 +225,14 @@ class StepGraph:
         return self.step(tokens, positions, mask, keys, values)[:n]
 
     def _fail(self, exc: Exception) -> None:
-        self.runner = None
-        self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        self.runner = self.single = None
+        self.failed = _reason(exc)
         warnings.warn(f"llmnb.serve: the compiled step failed ({self.failed}); serving eagerly", stacklevel=3)
+
+    def _fail_single(self, exc: Exception) -> None:
+        self.single = None
+        self.single_failed = _reason(exc)
+        warnings.warn(f"llmnb.serve: the single-row library failed ({self.single_failed}); one row is served as two", stacklevel=3)
 
     @property
     def ready(self) -> bool:
@@ -221,17 +249,24 @@ class StepGraph:
         if self.state == "building":
             return "eager while the compiled step builds"
         how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
-        return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length ({how})"
+        one = ", one row as reductions" if self.single is not None else ""
+        return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
 
 
-def _main(request: str, path: str) -> None:
-    """The child's work: the step from `request` (meta weights), exported and compiled to `path`."""
+def _reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def _main(request: str, path: str, rows: str) -> None:
+    """The child's work: the step from `request` (meta weights), exported for `rows` and compiled to `path`."""
     step = torch.load(request, weights_only=False).to_empty(device="cpu")  # values unused: the server hands over its own
     for layer in step.modules():
         if isinstance(layer, PackedLinear):  # oneDNN's layout is fixed by shape, dtype and processor, not by values
             layer.packed = PackedLinear.pack(layer.packed.zero_())
+    if rows == "one":  # the same parameters under the same names: the server's tensors fit this library too
+        row_linears(step)
     with torch.no_grad():
-        program = export(step)
+        program = export(step, rows)
     partial = f"{path.removesuffix('.pt2')}.{os.getpid()}.partial.pt2"  # two servers building one library: each replaces it whole
     torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=OPTIONS)
     os.replace(partial, path)
