@@ -136,7 +136,9 @@ def test_an_int8_model_with_bf16_activations_serves_what_its_eager_step_does(mod
     from llmnb.quantize import quantize_model
 
     int8 = prepare(quantize_model(copy.deepcopy(model), "int8"), torch.bfloat16, pack=False)
-    tokens, logprobs = _joining_and_leaving(_built(int8))
+    served = _built(int8)
+    assert served.graph.single is not None  # one row: reductions over the int8 codes (decoding.RowInt8Linear)
+    tokens, logprobs = _joining_and_leaving(served)
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(int8, max_batch=3, context=64))
     assert tokens == eager_tokens
     torch.testing.assert_close(logprobs, eager_logprobs, atol=0.03, rtol=0)  # one bf16 step of a log-probability near -4.6

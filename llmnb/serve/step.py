@@ -1,20 +1,24 @@
-"""The scheduler's decoding step, compiled ahead of time: one shared library for any number of rows and any cache
-length, built in a process of its own, reading the weights the server already holds.
+"""The scheduler's decoding step, compiled ahead of time: a shared library for any number of rows and any cache
+length, and one for a single row, each built in a process of its own, reading the weights the server already holds.
 
     graph = StepGraph(DecodeStep(model))               # Scheduler(model, compile=True) makes one
     graph.build()                                      # the first time: a child process exports the step and
-                                                       # AOTInductor compiles it (a minute for SmolLM2 on 2 cores);
-                                                       # later: loaded from outputs/cache/steps/ in about a second
+                                                       # AOTInductor compiles it (a minute a library for SmolLM2 on 2
+                                                       # cores); later: loaded from outputs/cache/steps/ in a second
     logits = graph(tokens, positions, keys, values)    # (n, vocab) fp32; writes each row's new key and value
 
 Why ahead of time, and elsewhere (issue 23): built inside the server (`torch.compile` with frozen weights), the int8
 SmolLM2 server's step held 1200 MB resident where weights and KV cache are 326 MB. The extra was Inductor's own
-state and a second, packed copy of every weight matrix. Here the server holds only the library (a few MB; its
-weights are not in it) and hands it pointers to the model's own tensors (`load_constants(..., user_managed=True)`).
-No weight is stored twice, no compiler state stays in the server, and a restarted server finds its library on disk.
-The weights are the ones `decoding.prepare` packed for oneDNN, so the library calls oneDNN's kernel on them (at one
-row on an AVX-512 BF16 Xeon, about twice the bandwidth of ATen's bf16 product on plain weights). The cost: without
-frozen weights Inductor cannot autotune the products against them (benchmarks/README.md measures both).
+state and a second, packed copy of every weight matrix. Here the server holds only the libraries (a few MB; its
+weights are not in them) and hands them pointers to the model's own tensors (`load_constants(..., user_managed=True)`).
+No weight is stored twice, no compiler state stays in the server, and a restarted server finds its libraries on disk.
+
+Why a library for one row: a step for one client multiplies one row by every matrix, and is bound by how fast the
+weights are read. Written as reductions (`decoding.RowLinear`, `RowInt8Linear`), Inductor's loops stream plain bf16
+or int8 weights at about twice the rate of PyTorch's kernels: SmolLM2's one-row step took 11.6 ms against 17.6 with
+oneDNN's packed weights (2 Zen 4 cores; benchmarks/README.md). So a compiled server keeps its weights plain
+(`decoding.prepare(..., pack=False)`); with packed ones (oneDNN's opaque layout, which a reduction cannot read) only the
+library of many rows is built, and one row is served as two.
 """
 from __future__ import annotations
 
@@ -176,6 +180,7 @@ class StepGraph:
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
         self.single_failed = ""
+        self.built = False  # every library this step will have is loaded (or failed)
 
     def build(self) -> None:
         """Find or compile the libraries, and load them with the model's own weights."""
@@ -193,6 +198,7 @@ class StepGraph:
                 self.single = self._load("one")
             except Exception as exc:  # noqa: BLE001 - one row is served as two instead
                 self._fail_single(exc)
+        self.built = True
 
     def _load(self, rows: str):
         """The library for `rows`, compiled first if it is not on disk, reading the model's own tensors."""
@@ -240,14 +246,15 @@ class StepGraph:
 
     @property
     def state(self) -> str:
-        """"compiled", "building" (served eagerly meanwhile) or "eager" (no library: `failed` says why)."""
-        return "eager" if self.failed else "compiled" if self.ready else "building"
+        """"compiled" (every library loaded), "building" (served eagerly meanwhile, or by the library of many rows while
+        the single-row one builds) or "eager" (no library: `failed` says why)."""
+        return "eager" if self.failed else "compiled" if self.ready and self.built else "building"
 
     def __str__(self) -> str:
         if self.state == "eager":
             return f"eager: {self.failed}"
         if self.state == "building":
-            return "eager while the compiled step builds"
+            return "the library of many rows, while the single-row one builds" if self.ready else "eager while the compiled step builds"
         how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
         one = ", one row as reductions" if self.single is not None else ""
         return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
