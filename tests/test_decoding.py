@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from llmnb import decoding, hardware
 from llmnb.generate import generate, generate_stream
@@ -91,23 +90,6 @@ def test_a_row_linear_compiled_computes_the_layer_and_eagerly_is_the_layer():
         assert torch.equal(row(x), linear(x)) and torch.equal(row(x.expand(3, 2, 48)), linear(x.expand(3, 2, 48)))
     model = _models()["llama"]
     assert decoding.row_linears(model) == 2 * 7 + 1 and model.lm_head.weight is model.wte.weight
-
-
-def test_an_int8_row_layer_compiled_computes_what_the_int8_kernel_does():
-    """The int8 codes and row scales as a reduction at one row (fp32 sums) against PyTorch's weight-only int8 kernel
-    (bf16): within bf16's rounding of outputs of order 1; more rows, or eagerly, the kernel itself."""
-    torch.manual_seed(0)
-    layer = QuantLinear.from_linear(_biased(nn.Linear(64, 40)), "int8")
-    row = decoding.RowInt8Linear.of(layer)
-    assert row.qweight is layer.qweight and row.scale is layer.scale and row.bias is layer.bias
-    x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        exact = F.linear(x.float(), layer.dequantized_weight(), layer.bias)
-        compiled = torch.compile(row, fullgraph=True)(x)
-        assert compiled.dtype == torch.bfloat16 and (compiled.float() - exact).abs().max() < 0.02
-        assert torch.equal(row(x), layer(x)) and torch.equal(row(x.expand(3, 1, 64)), layer(x.expand(3, 1, 64)))
-    model = quantize_model(_models()["llama"], "int8")
-    assert decoding.row_linears(model) == 2 * 7 + 1 and isinstance(model.lm_head, decoding.RowInt8Linear)
 
 
 def test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice():

@@ -137,7 +137,7 @@ def test_an_int8_model_with_bf16_activations_serves_what_its_eager_step_does(mod
 
     int8 = prepare(quantize_model(copy.deepcopy(model), "int8"), torch.bfloat16, pack=False)
     served = _built(int8)
-    assert served.graph.single is not None  # one row: reductions over the int8 codes (decoding.RowInt8Linear)
+    assert served.graph.single is None  # int8 layers keep their kernel: one row is served as two
     tokens, logprobs = _joining_and_leaving(served)
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(int8, max_batch=3, context=64))
     assert tokens == eager_tokens

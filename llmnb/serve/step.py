@@ -14,8 +14,8 @@ weights are not in them) and hands them pointers to the model's own tensors (`lo
 No weight is stored twice, no compiler state stays in the server, and a restarted server finds its libraries on disk.
 
 Why a library for one row: a step for one client multiplies one row by every matrix, and is bound by how fast the
-weights are read. Written as reductions (`decoding.RowLinear`, `RowInt8Linear`), Inductor's loops stream plain bf16
-or int8 weights at about twice the rate of PyTorch's kernels: SmolLM2's one-row step took 11.6 ms against 17.6 with
+weights are read. Written as reductions (`decoding.RowLinear`), Inductor's loops stream plain bf16 weights at about
+twice the rate of PyTorch's kernels: SmolLM2's one-row step took 11.6 ms against 17.6 with
 oneDNN's packed weights (2 Zen 4 cores; benchmarks/README.md). So a compiled server keeps its weights plain
 (`decoding.prepare(..., pack=False)`); with packed ones (oneDNN's opaque layout, which a reduction cannot read) only the
 library of many rows is built, and one row is served as two.
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from .. import hardware
 from ..decoding import PackedLinear, compiler_available, next_logits, row_linears
 from ..model import GPT
+from ..quantize import QuantLinear
 from ..paths import outputs_dir
 from .launch import die_with_parent
 
@@ -160,8 +161,8 @@ def _stop_children() -> None:
 
 class StepGraph:
     """The scheduler's decoding step as compiled libraries: one for any number of rows (2 or more) and any cache, and,
-    where the weights are plain (not packed for oneDNN), one for a single row whose products are reductions
-    (decoding.RowLinear: at one row they stream the weights about twice as fast as PyTorch's kernels).
+    where the weights are plain (neither packed for oneDNN nor quantized), one for a single row whose products are
+    reductions (decoding.RowLinear: at one row they stream the weights about twice as fast as PyTorch's kernels).
 
     `build` finds each library on disk or has a child process compile it (`compile_library`), then loads it; the
     scheduler serves eagerly meanwhile. Without the single-row library one row is served as two (a free row computes
@@ -175,7 +176,8 @@ class StepGraph:
         self.step = step  # the eager step: what the libraries were traced from, and the fallback
         self.runner = None  # rows >= 2
         self.single = None  # exactly one row
-        self.one_row = not any(isinstance(m, PackedLinear) for m in step.modules())  # reductions read plain weights only
+        # reductions read plain weights only, and quantized layers keep their own kernels (decoding.row_linears)
+        self.one_row = not any(isinstance(m, (PackedLinear, QuantLinear)) for m in step.modules())
         self.compile_seconds = 0.0  # 0 when the libraries were found on disk
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
