@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from .. import hardware
 from ..decoding import PackedLinear, compiler_available, next_logits, row_linears
 from ..model import GPT
-from ..quantize import QuantLinear
 from ..paths import outputs_dir
+from ..quantize import QuantLinear
 from .launch import die_with_parent
 
 # Inductor's settings for the library: weights are inputs the server hands over at load (not frozen in, not in the .so)
