@@ -303,17 +303,18 @@ def stacked(layers: list[nn.Module]) -> nn.Module | None:
     kind = type(layers[0])
     if not (kind is nn.Linear or issubclass(kind, Int8Linear)) or any(type(m) is not kind for m in layers):
         return None
-    biased = layers[0].bias is not None
-    if kind is nn.Linear:
-        weight = layers[0].weight
-        out = nn.Linear(weight.shape[1], sum(m.out_features for m in layers), bias=biased, device="meta")
-        out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
-    else:
-        out = kind(layers[0].in_features, sum(m.out_features for m in layers), biased, layers[0].group_size)
-        out.qweight, out.scale = torch.cat([m.qweight for m in layers]), torch.cat([m.scale for m in layers])
-    if biased:
-        out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False) if kind is nn.Linear \
-            else torch.cat([m.bias for m in layers])
+
+    def rows(name: str) -> torch.Tensor:  # each layer's tensor `name`, stacked
+        return torch.cat([getattr(m, name).detach() for m in layers])
+
+    biased, n, k = layers[0].bias is not None, sum(m.out_features for m in layers), layers[0].in_features
+    with torch.device("meta"):  # an empty layer of the stacked size: its tensors are set below, never allocated twice
+        out = nn.Linear(k, n, bias=biased) if kind is nn.Linear else kind(k, n, biased, layers[0].group_size)
+    if kind is nn.Linear:  # parameters, as nn.Linear's are
+        out.weight = nn.Parameter(rows("weight"), requires_grad=False)
+        out.bias = nn.Parameter(rows("bias"), requires_grad=False) if biased else None
+    else:  # buffers: codes and a scale per row
+        out.qweight, out.scale, out.bias = rows("qweight"), rows("scale"), rows("bias") if biased else None
     return out
 
 

@@ -182,7 +182,6 @@ class StepGraph:
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
         self.single_failed = ""
-        self.built = False  # every library this step will have is loaded (or failed)
 
     def build(self) -> None:
         """Find or compile the libraries, and load them with the model's own weights."""
@@ -190,7 +189,6 @@ class StepGraph:
             warnings.warn(f"llmnb.serve: {self}; serving eagerly")
             return
         try:
-            self.path = library_path(self.step)
             self.runner = self._load("many")
         except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
             self._fail(exc)
@@ -200,11 +198,10 @@ class StepGraph:
                 self.single = self._load("one")
             except Exception as exc:  # noqa: BLE001 - one row is served as two instead
                 self._fail_single(exc)
-        self.built = True
 
     def _load(self, rows: str):
         """The library for `rows`, compiled first if it is not on disk, reading the model's own tensors."""
-        path = library_path(self.step, rows)
+        path = self.path = library_path(self.step, rows)  # both libraries live in one folder (`__str__` names it)
         if not path.is_file():
             start = time.perf_counter()
             compile_library(self.step, path, rows)
@@ -250,7 +247,8 @@ class StepGraph:
     def state(self) -> str:
         """"compiled" (every library loaded), "building" (served eagerly meanwhile, or by the library of many rows while
         the single-row one builds) or "eager" (no library: `failed` says why)."""
-        return "eager" if self.failed else "compiled" if self.ready and self.built else "building"
+        built = self.single is not None or self.single_failed or not self.one_row  # the single-row library: loaded or never
+        return "eager" if self.failed else "compiled" if self.ready and built else "building"
 
     def __str__(self) -> str:
         if self.state == "eager":
