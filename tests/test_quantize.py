@@ -14,8 +14,9 @@ warnings.filterwarnings("ignore", module="torchao")
 def test_nf4_levels_built_from_normal_quantiles_equal_bitsandbytes_table():
     bnb_functional = pytest.importorskip("bitsandbytes.functional")
     _, state = bnb_functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
-    assert torch.allclose(q.NF4, state.code.float(), atol=1e-6)
-    assert q.NF4[7] == 0 and q.NF4[0] == -1 and q.NF4[-1] == 1
+    levels = q.nf4_code()
+    assert torch.allclose(levels, state.code.float(), atol=1e-6)
+    assert levels[7] == 0 and levels[0] == -1 and levels[-1] == 1
 
 
 def test_nf4_codes_block_scales_and_packed_bytes_equal_bitsandbytes_on_the_same_blocks():
