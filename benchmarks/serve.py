@@ -41,7 +41,7 @@ def main() -> None:
     import pandas as pd
     import torch
 
-    from llmnb import checkpoint, decoding
+    from llmnb import checkpoint, decoding, hardware
     from llmnb.quantize import model_bytes
 
     from llmnb.serve import llama_cpp_process, local_server
@@ -57,10 +57,21 @@ def main() -> None:
     slots = max(clients)
     print(f"model {model}, GGUF {gguf}; torch {torch.__version__}, {os.cpu_count()} CPUs; {args.seconds:.0f} s a point")
 
-    def sweep(url: str, server: str) -> list[dict]:
-        warm_up(url, name, max(clients))
-        rows = [closed_loop(url, name, c, args.seconds, args.max_tokens, server=server) for c in clients]
-        rows += [poisson(url, name, r, args.seconds, args.max_tokens, server=server) for r in rates]
+    memory: dict[str, tuple[int, int]] = {}  # server -> (resident bytes after its sweep, peak during it)
+    served: dict[str, str] = {}  # our servers -> the folder each serves
+
+    def sweep(server, server_name: str, folder: str | None = None) -> list[dict]:
+        """The load points on one server, then its memory: resident once idle, and the peak from the warm-up on (the
+        load's peak, PyTorch's fp32 weights before the cast, left out); `folder`: ours, measured against its weights."""
+        pid = server.process.pid
+        hardware.reset_peak_resident(pid)
+        warm_up(server.url, name, max(clients))
+        rows = [closed_loop(server.url, name, c, args.seconds, args.max_tokens, server=server_name) for c in clients]
+        rows += [poisson(server.url, name, r, args.seconds, args.max_tokens, server=server_name) for r in rates]
+        time.sleep(1)  # the scheduler hands its freed heap back once idle
+        memory[server_name] = hardware.resident_bytes(pid)
+        if folder:
+            served[server_name] = folder
         return rows
 
     rows, started = [], time.perf_counter()
@@ -69,46 +80,40 @@ def main() -> None:
     with local_server(model, "--max-batch", str(slots), *common) as server:
         ready = time.perf_counter() - launched
         health = httpx.get(f"{server.url}/health").json()
-        rows += sweep(server.url, "ours, batching on")
-        ours_rss = server.rss_bytes()
+        rows += sweep(server, "ours, batching on", model)
     with local_server(model, "--max-batch", "1", *common) as server:
-        rows += sweep(server.url, "ours, batching off")
+        rows += sweep(server, "ours, batching off")
     with local_server(model, "--max-batch", str(slots), "--context", str(args.context)) as server:  # the default safety filter on
         warm_up(server.url, name, 16)
         rows.append(closed_loop(server.url, name, 16, args.seconds, args.max_tokens, server="ours, batching on, safety filter"))
-    rss = {"ours, batching on": ours_rss}  # server -> resident bytes, measured after its sweep
-    served = {"ours, batching on": model}  # server -> the folder it serves
-
     def compiled_sweep(folder: str, server_name: str) -> None:
         with local_server(folder, "--max-batch", str(slots), "--compile", "--name", name, *common) as server:
             launched = time.perf_counter()
             step = server.wait_step()["decoding"]
             print(f"{server_name}: {step} ({time.perf_counter() - launched:.0f} s after /health first said 200)", flush=True)
-            rows.extend(sweep(server.url, server_name))
-            rss[server_name], served[server_name] = server.rss_bytes(), folder
+            rows.extend(sweep(server, server_name, folder))
 
     if not args.no_compile:
         compiled_sweep(model, "ours, compiled")
     if args.int8:
         int8 = str(artifacts.ensure("quantized", model=model, scheme="int8"))
         with local_server(int8, "--max-batch", str(slots), "--name", name, *common) as server:  # the id the clients send
-            rows += sweep(server.url, "ours, int8")
-            rss["ours, int8"], served["ours, int8"] = server.rss_bytes(), int8
+            rows += sweep(server, "ours, int8", int8)
         if not args.no_compile:
             compiled_sweep(int8, "ours, int8 compiled")
     with llama_cpp_process(gguf, n_parallel=slots, context=args.context) as server:
-        rows += sweep(server.url, f"llama.cpp ({Path(gguf).stem.split('.')[-1]})")
-        llama_rss = server.rss_bytes()
+        llama = f"llama.cpp ({Path(gguf).stem.split('.')[-1]})"
+        rows += sweep(server, llama)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 250)
     print(table.round(1).to_string(index=False))
     at16 = table[table.clients == 16].set_index("server")["output tok/s"]
-    ours = list(rss)
+    ours = list(served)
     if 16 in clients:
         on, off, filtered = at16["ours, batching on"], at16["ours, batching off"], at16["ours, batching on, safety filter"]
-        llama = at16.iloc[-1]
+        llama_tps = at16[llama]
         print(f"\nat 16 clients: batching on / off = {on / off:.2f}x (target >= 4); the safety filter keeps {filtered / on:.2f}x "
-              f"of ours' throughput; " + ", ".join(f"{o} / llama.cpp = {at16[o] / llama:.2f}x" for o in ours) + " (target >= 1.0)")
+              f"of ours' throughput; " + ", ".join(f"{o} / llama.cpp = {at16[o] / llama_tps:.2f}x" for o in ours) + " (target >= 1.0)")
     at1 = table[table.clients == 1].set_index("server")["TPOT p50 ms"]
     print(f"\nours decodes as: {health['decoding']}; ready (/health 200) {ready:.0f} s after launch")
     for o in ours:
@@ -118,9 +123,11 @@ def main() -> None:
         prepared = decoding.prepare(checkpoint.load(served[o])[0])  # what the server holds: its weights and its KV cache's size
         weights = model_bytes(prepared)
         cache = cache_bytes(prepared, slots, args.context, prepared.decoding.dtype, compile="compiled" in o)
-        print(f"resident memory: {o} {rss[o] / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
-              f"+ {(rss[o] - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two)")
-    print(f"resident memory: llama.cpp {llama_rss / 1e6:.0f} MB")
+        rss, peak = memory[o]
+        print(f"resident memory: {o} {rss / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
+              f"+ {(rss - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two); peak while serving "
+              f"{peak / 1e6:.0f} MB, {(peak - weights - cache) / 1e6:.0f} MB above")
+    print(f"resident memory: {llama} {memory[llama][0] / 1e6:.0f} MB, peak while serving {memory[llama][1] / 1e6:.0f} MB")
     print(f"took {time.perf_counter() - started:.0f} s")
 
 

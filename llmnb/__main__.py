@@ -98,7 +98,7 @@ def _serve(args) -> int:
     from .hardware import limit_heap_arenas, limit_kernel_caches
     from .serve.app import ServeConfig, create_app
 
-    limit_heap_arenas()  # before the loading, scheduling and HTTP threads start: each would keep an arena's free pages
+    limit_heap_arenas()  # before the loading, scheduling and HTTP threads start: one arena, which an idle trim empties
     limit_kernel_caches()  # before the first matrix product: up to 1024 kernels kept, one per prompt length and shape
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:

@@ -86,12 +86,15 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-def limit_heap_arenas(arenas: int = 2) -> None:
+def limit_heap_arenas(arenas: int = 1) -> None:
     """At most `arenas` glibc malloc arenas for this process's threads (M_ARENA_MAX); call before they start.
 
     glibc gives each new thread that allocates an arena of its own, up to 8 per core, and each arena keeps the free
-    pages its thread left behind. A server's threads (the loader, the scheduler, HTTP workers) held 8 MB more that
-    way on SmolLM2's int8 server (issue 23), with the same speed at two arenas. A no-op where malloc is not glibc's.
+    pages its thread left behind. Worse, `malloc_trim` (what an idle server calls) hands back the free pages inside an
+    arena but not the free top of a thread's arena, only the main one's. Measured on SmolLM2's compiled servers
+    (issue 23): two arenas instead of eight held 8 MB less; one instead of two, 6-9 MB less again after a load sweep,
+    the activations of the last steps no longer kept at the top of the scheduler thread's arena.
+    A no-op where malloc is not glibc's.
     """
     if (libc := _glibc()) is not None:
         libc.mallopt(-8, arenas)  # -8: M_ARENA_MAX in glibc's malloc.h
@@ -115,10 +118,11 @@ def limit_kernel_caches(kernels: int = 16) -> None:
         os.environ.setdefault(name, str(kernels))
 
 
-def reset_peak_resident() -> None:
-    """Reset Linux's peak-RSS counter of this process to its current RSS (no-op where unsupported)."""
+def reset_peak_resident(pid: int | None = None) -> None:
+    """Reset Linux's peak-RSS counter of a process (default: this one; another must be this user's) to its current RSS,
+    so that `resident_bytes(pid)[1]` is the peak from now on (no-op where unsupported)."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
+        with open(f"/proc/{pid or 'self'}/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass

@@ -201,7 +201,9 @@ def test_hundreds_of_malformed_requests_get_openai_errors_and_the_server_stays_h
             error = reply.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"], error
             assert code is None or error["code"] == code, (str(body)[:200], error)
-        assert http.get("/v1/chat/completions").status_code == 405
+        wrong_method = http.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.headers["Allow"] == "POST"
+        assert wrong_method.json()["error"]["code"] == "method_not_allowed" and "takes POST" in wrong_method.json()["error"]["message"]
         chunked = http.post("/v1/completions", content=iter([b"{" + b" " * BODY_LIMIT, b"}"]), headers={"Content-Type": "application/json"})
         assert chunked.status_code == 413  # no Content-Length: counted as it arrives
         assert "over the context of 256" in http.post("/v1/completions", json={"model": TINY_CHAT, "prompt": "Hi", "max_tokens": 300}).json()["error"]["message"]

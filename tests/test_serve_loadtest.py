@@ -32,13 +32,11 @@ def slow_server():
     import threading
 
     import uvicorn
-    from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
 
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat():
+    async def chat(request):
         async def events():
             for _ in range(4):
                 await asyncio.sleep(0.25)
@@ -47,6 +45,7 @@ def slow_server():
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -1,8 +1,8 @@
 """Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, so that clients report them as they would OpenAI's."""
 from __future__ import annotations
 
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
 
 
 class APIError(Exception):
@@ -20,13 +20,12 @@ def error_response(exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
 
 
-
-
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: ValidationError) -> APIError:
+    """A request body Pydantic refused, as OpenAI's 400: the first problem, named by the field it is in."""
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
-    where = [str(part) for part in first.get("loc", ()) if part != "body"]
+    where = [str(part) for part in first.get("loc", ())]
     if not where:
         return APIError(400, f"the body must be a JSON object with the request's fields: {first['msg']}")
     message = f"{'.'.join(where)}: {first['msg']}" if first.get("type") != "extra_forbidden" else \
