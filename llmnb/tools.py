@@ -59,7 +59,9 @@ TOOLS = (
          "quantized GPT through its `TemplateLM` interface, and `llmnb serve` through `local-completions` (our server returns prompt "
          "log-probabilities for it)", "PyPI lm-eval 0.4.13 (2026)", "notebook 08: every model of the collection, one report card"),
     Tool("FastAPI", "Python web framework with typed request schemas (Pydantic)", "07", "writing your own HTTP API around a model",
-         "`llmnb serve` is built on it: routes, validation and OpenAI-shaped errors", "PyPI 0.163.2 (2026-11)", "notebook 07, tests/test_serve.py"),
+         "`llmnb serve` uses its two parts directly: Starlette's routes and Pydantic's schemas, with OpenAI-shaped errors; FastAPI "
+         "itself (it now imports OpenTelemetry) held 7 MB more in every server", "PyPI 0.165.0 (2026-11)",
+         "its parts in notebook 07 and tests/test_serve.py; FastAPI itself not run here"),
     Tool("TorchServe", "PyTorch's model server (model archives, handlers, REST/gRPC)", "07", "serving non-LLM PyTorch models in an existing deployment",
          "`llmnb serve` (OpenAI API, continuous batching) on CPU; vLLM on GPU",
          "PyPI 0.12.0 (2024-09); limited maintenance, no planned updates or security fixes (https://docs.pytorch.org/serve/)",

@@ -4,7 +4,7 @@
     with local_server("smollm2-135m-instruct") as url: ...               # a server process for a notebook or a test
 
 Modules: `scheduler` (continuous batching over a slot KV cache), `schemas` (request bodies),
-`app` (the FastAPI routes), `moderation` (safety filters), `metrics` (Prometheus),
+`app` (the Starlette routes), `moderation` (safety filters), `metrics` (Prometheus),
 `launch` (server processes, ours and llama.cpp's), `loadtest` (streaming HTTP clients under load).
 """
 from .launch import free_port, llama_cpp_process, local_server, start_llama_cpp, start_server
