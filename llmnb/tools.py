@@ -59,8 +59,9 @@ TOOLS = (
          "quantized GPT through its `TemplateLM` interface, and `llmnb serve` through `local-completions` (our server returns prompt "
          "log-probabilities for it)", "PyPI lm-eval 0.4.13 (2026)", "notebook 08: every model of the collection, one report card"),
     Tool("FastAPI", "Python web framework with typed request schemas (Pydantic)", "07", "writing your own HTTP API around a model",
-         "`llmnb serve` uses its two parts directly: Starlette's routes and Pydantic's schemas, with OpenAI-shaped errors; FastAPI "
-         "itself (it now imports OpenTelemetry) held 7 MB more in every server", "PyPI 0.165.0 (2026-11)",
+         "`llmnb serve` uses Starlette, its routing part, directly, with request schemas in msgspec and OpenAI-shaped errors: "
+         "FastAPI itself (it now imports OpenTelemetry) held 7 MB more in every server, and Pydantic 7 MB more than msgspec",
+         "PyPI 0.165.0 (2026-11)",
          "its parts in notebook 07 and tests/test_serve.py; FastAPI itself not run here"),
     Tool("TorchServe", "PyTorch's model server (model archives, handlers, REST/gRPC)", "07", "serving non-LLM PyTorch models in an existing deployment",
          "`llmnb serve` (OpenAI API, continuous batching) on CPU; vLLM on GPU",
