@@ -99,7 +99,9 @@ def _serve(args) -> int:
     from .serve.app import ServeConfig, create_app
 
     limit_heap_arenas()  # before the loading, scheduling and HTTP threads start: one arena, which an idle trim empties
-    limit_kernel_caches()  # before the first matrix product: up to 1024 kernels kept, one per prompt length and shape
+    # before the first matrix product: up to 1024 kernels kept, one per prompt length and shape; a compiled server
+    # multiplies plain weights, which PyTorch's own cache does not speed up
+    limit_kernel_caches(packed=not args.compile)
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
         print("llmnb serve: --max-batch and --max-body-bytes must be >= 1, --max-waiting >= 0", file=sys.stderr)
@@ -116,8 +118,10 @@ def _serve(args) -> int:
         print(f"llmnb serve: cannot serve {args.model}: {reason}", file=sys.stderr, flush=True)
         os._exit(2)
 
-    # uvicorn stops accepting on SIGTERM and waits for the requests in flight (streams too) before the app shuts down
-    uvicorn.run(create_app(config, on_load_error=cannot_serve), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=120)
+    # uvicorn stops accepting on SIGTERM and waits for the requests in flight (streams too) before the app shuts down;
+    # no WebSocket route, so none of uvicorn's WebSocket protocols is imported
+    uvicorn.run(create_app(config, on_load_error=cannot_serve), host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=120, ws="none")
     return 0
 
 

@@ -101,10 +101,11 @@ def limit_heap_arenas(arenas: int = 1) -> None:
 
 
 # oneDNN's cache of compiled kernels, and PyTorch's (ideep's) cache of the products that hold them: 1024 each by default
-KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's
+PACKED_PRODUCTS = 8  # ideep's cache for packed weights: a decoding step's five product shapes (SmolLM2's four, the head) and three more
 
 
-def limit_kernel_caches(kernels: int = 16) -> None:
+def limit_kernel_caches(kernels: int = 16, packed: bool = True) -> None:
     """Keep at most `kernels` of oneDNN's compiled matrix products in this process; call before its first one.
 
     oneDNN compiles a kernel for each shape it multiplies, and PyTorch keeps up to 1024 of them: one per prompt length
@@ -113,9 +114,16 @@ def limit_kernel_caches(kernels: int = 16) -> None:
     takes about a millisecond. A decoding step uses five shapes (SmolLM2's four, and the head), so 16 keep the steps
     of three batch sizes. Both caches read their size at their first use, so this works after `import torch`; a
     value set in the environment is kept.
+
+    PyTorch's own cache (ideep's) keeps fewer: each kept product holds another 0.3 MB, and it speeds up products on
+    packed weights only. Packed (`packed=True`, an eager server): 8, a decoding step's five shapes and three more.
+    Plain (`packed=False`, a compiled server, whose products are `torch.mm`'s): 1, no slower (bf16, 2 Zen 4 cores:
+    4.6 MB less in a served SmolLM2).
     """
-    for name in KERNEL_CACHE_VARIABLES:
-        os.environ.setdefault(name, str(kernels))
+    if kernels < 1:
+        raise ValueError(f"kernels must be >= 1, got {kernels}: PyTorch's cache of size 0 crashes the process")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(kernels))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(min(kernels, PACKED_PRODUCTS) if packed else 1))
 
 
 def reset_peak_resident(pid: int | None = None) -> None:

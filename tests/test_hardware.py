@@ -147,6 +147,27 @@ print((hardware.release_freed_memory() - before) / 1e6, env)
     assert "'4'" not in grown["limit"][1]  # set by the call, not inherited
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN's bf16 products (AVX-512 and up)")
+def test_plain_weights_keep_fewer_products_than_packed_ones():
+    """A plain bf16 product (torch.mm: oneDNN's, what a compiled server runs; fp32 goes to BLAS) at 48 row counts: with
+    `packed=False` PyTorch's own cache keeps one product, not eight, and the process holds about 2 MB less."""
+    code = """
+import sys, torch
+from llmnb import hardware
+hardware.limit_kernel_caches(16, packed=sys.argv[1] == "packed")
+weight = torch.randn(1536, 576, dtype=torch.bfloat16)
+def product(rows): torch.mm(torch.ones(rows, 576, dtype=torch.bfloat16), weight.t())
+product(2); before = hardware.release_freed_memory()
+for rows in range(3, 51): product(rows)
+print((hardware.release_freed_memory() - before) / 1e6)
+"""
+    grown = {case: float(subprocess.run([sys.executable, "-c", code, case], capture_output=True, text=True, check=True).stdout)
+             for case in ("packed", "plain")}
+    assert grown["packed"] - grown["plain"] > 1.0, grown  # 7 products of about 0.3 MB
+    with pytest.raises(ValueError, match="crashes"):
+        hardware.limit_kernel_caches(0)
+
+
 def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")

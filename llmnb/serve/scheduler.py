@@ -204,7 +204,7 @@ class Scheduler:
                 self.running.clear()
                 self.waiting.clear()
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not only no gradients: no autograd bookkeeping on any op (a server's step never trains)
     def step(self) -> int:
         """One scheduling step: admit, decode once, retire. Returns the number of running sequences it advanced."""
         for i in reversed(range(len(self.running))):
