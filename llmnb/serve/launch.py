@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
+from .. import hardware
 
 
 def free_port() -> int:
@@ -87,7 +87,8 @@ class ServerProcess:
         return self.process.returncode
 
     def rss_bytes(self) -> int:
-        return psutil.Process(self.process.pid).memory_info().rss
+        """The server's resident memory now (`hardware.resident_bytes`, the benchmark's reader)."""
+        return hardware.resident_bytes(self.process.pid)[0]
 
 
 def die_with_parent() -> None:
