@@ -24,9 +24,13 @@ def _joining_and_leaving(scheduler):
     return [seq.tokens for seq in seqs], torch.tensor([e.logprob for seq in seqs for e in seq.events])
 
 
-def _built(model, max_batch=3) -> Scheduler:
+def _built(model, max_batch=3, one_row_ms=(1.0, 2.0)) -> Scheduler:
+    """A scheduler with its step built; `one_row_ms`: what timing one row (reductions, library of many) is taken to
+    say (the default keeps the single-row library, which most tests here check; None: measure)."""
     s = Scheduler(model, max_batch=max_batch, context=64, compile=True)
     assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
+    if one_row_ms:
+        s.graph.time_one_row = lambda single: one_row_ms
     s.graph.build()
     assert s.graph.ready and s.step_state() == "compiled", s.decoding()
     return s
@@ -45,6 +49,46 @@ def test_a_compiled_step_serves_what_the_eager_one_does(model, max_batch):
     assert tokens == eager_tokens
     torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
     assert compiled.decoding().startswith("one compiled library per step")
+
+
+class _Counted:
+    """A library whose calls are counted: the rows of each."""
+
+    def __init__(self, library):
+        self.library, self.rows = library, []
+
+    def boxed_run(self, inputs: list):
+        self.rows.append(inputs[0].shape[0])
+        return self.library.boxed_run(inputs)
+
+
+@pytest.mark.parametrize("one_row_ms", [(1.0, 2.0), (2.0, 1.0)], ids=["reductions-faster", "many-faster"])
+def test_one_row_is_served_by_the_library_that_timed_faster(model, one_row_ms):
+    """Which library serves one row faster depends on the processor (reductions won on a Zen 4 EPYC, lost on a Xeon
+    with AMX): either way the step serves what the eager one does, and /health says which and why."""
+    s = _built(model, max_batch=1, one_row_ms=one_row_ms)
+    reductions_faster = one_row_ms[0] < one_row_ms[1]
+    assert (s.graph.single is not None) == reductions_faster and s.step_state() == "compiled"
+    assert ("one row as reductions (1.0 ms a step against 2.0" if reductions_faster else
+            "one row through the library of many (1.0 ms a step against 2.0 as reductions)") in s.decoding(), s.decoding()
+    s.graph.runner = many = _Counted(s.graph.runner)
+    tokens, logprobs = _joining_and_leaving(s)
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=1, context=64))
+    assert tokens == eager_tokens and not s.graph.failed and not s.graph.single_failed
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
+    # the library of many was exported for 2 rows or more: one row reaches it padded to two, or not at all
+    assert set(many.rows) == (set() if reductions_faster else {2}), many.rows
+
+
+def test_one_row_is_timed_both_ways_on_a_scratch_cache(model):
+    s = _built(model, max_batch=2, one_row_ms=None)
+    reductions, many = s.graph.one_row_ms
+    assert 0 < reductions < 1e3 and 0 < many < 1e3
+    assert (s.graph.single is not None) == (reductions < many)
+    assert not any(t.any() for t in s.cache.keys + s.cache.values)  # the server's own cache: untouched
+    single, s.graph.runner = _Counted(s.graph._load("one")), _Counted(s.graph.runner)
+    s.graph.time_one_row(single, rounds=2, calls=3)
+    assert single.rows == [1] * 6 and s.graph.runner.rows == [2] * 6  # each way, every round; one row, padded to two
 
 
 def test_a_second_server_finds_the_library_on_disk(model):

@@ -15,10 +15,12 @@ No weight is stored twice, no compiler state stays in the server, and a restarte
 
 Why a library for one row: a step for one client multiplies one row by every matrix, and is bound by how fast the
 weights are read. Written as reductions (`decoding.RowLinear`), Inductor's loops stream plain bf16 weights at about
-twice the rate of PyTorch's kernels: SmolLM2's one-row step took 11.6 ms against 17.6 with
-oneDNN's packed weights (2 Zen 4 cores; benchmarks/README.md). So a compiled server keeps its weights plain
-(`decoding.prepare(..., pack=False)`); with packed ones (oneDNN's opaque layout, which a reduction cannot read) only the
-library of many rows is built, and one row is served as two.
+twice the rate of PyTorch's kernels on a Zen 4 EPYC: SmolLM2's one-row step took 11.6 ms against 17.6 with
+oneDNN's packed weights (2 cores; benchmarks/README.md). On a Xeon with AMX the two were within a few percent, either
+way round (23.8 ms against 22.4 through the library of many in one measurement). So `build` times one row both ways on
+a scratch cache and keeps the faster (`one_row_ms`).
+A compiled server keeps its weights plain (`decoding.prepare(..., pack=False)`); with packed ones (oneDNN's opaque
+layout, which a reduction cannot read) only the library of many rows is built, and one row is served as two.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import atexit
 import copy
 import hashlib
 import inspect
+import math
 import os
 import subprocess
 import sys
@@ -162,7 +165,7 @@ def _stop_children() -> None:
 class StepGraph:
     """The scheduler's decoding step as compiled libraries: one for any number of rows (2 or more) and any cache, and,
     where the weights are plain (neither packed for oneDNN nor quantized), one for a single row whose products are
-    reductions (decoding.RowLinear: at one row they stream the weights about twice as fast as PyTorch's kernels).
+    reductions (decoding.RowLinear), kept where it measures faster than the library of many.
 
     `build` finds each library on disk or has a child process compile it (`compile_library`), then loads it; the
     scheduler serves eagerly meanwhile. Without the single-row library one row is served as two (a free row computes
@@ -178,6 +181,7 @@ class StepGraph:
         self.single = None  # exactly one row
         # reductions read plain weights only, and quantized layers keep their own kernels (decoding.row_linears)
         self.one_row = not any(isinstance(m, (PackedLinear, QuantLinear)) for m in step.modules())
+        self.one_row_ms: tuple[float, float] | None = None  # one row through (the single-row library, the library of many)
         self.compile_seconds = 0.0  # 0 when the libraries were found on disk
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
@@ -195,7 +199,9 @@ class StepGraph:
             return
         if self.one_row:
             try:
-                self.single = self._load("one")
+                single = self._load("one")
+                self.one_row_ms = self.time_one_row(single)
+                self.single = single if self.one_row_ms[0] < self.one_row_ms[1] else None
             except Exception as exc:  # noqa: BLE001 - one row is served as two instead
                 self._fail_single(exc)
 
@@ -212,6 +218,32 @@ class StepGraph:
         runner.load_constants(weights(self.step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
         return runner
 
+    def time_one_row(self, single, length: int = 64, rounds: int = 3, calls: int = 5) -> tuple[float, float]:
+        """Milliseconds a step of one row takes through `single` and through the library of many (as two rows), each
+        the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of `length` positions (the server's
+        own cache is serving meanwhile). Which is faster depends on the processor: see the module's docstring."""
+        c, weight = self.step.model.config, self.step.model.norm_f.weight
+        shape = (self.MIN_ROWS, c.n_kv_head, length, c.head_dim)  # (slots, n_kv, positions, hs)
+        keys, values = ([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(c.n_layer)] for _ in "kv")
+        tokens, positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device), torch.tensor([length - 1], device=weight.device)
+        mask = row_mask(positions, length)
+        ways = (lambda: single.boxed_run([tokens, positions, mask, *keys, *values]),
+                lambda: self._many(tokens, positions, keys, values))
+        best = [math.inf, math.inf]
+        for _ in range(rounds):  # the first round warms both up; the fastest round is the least disturbed one
+            for i, way in enumerate(ways):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    way()
+                best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e3)
+        return best[0], best[1]
+
+    def _many(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """The library of many rows on `tokens`, padded to MIN_ROWS: (max(n, MIN_ROWS), vocab)."""
+        pad = max(0, self.MIN_ROWS - tokens.shape[0])  # the padding rows write at position 0 of free rows, which a prefill overwrites
+        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
+        return self.runner.boxed_run([tokens, positions, row_mask(positions, int(positions.max()) + 1), *keys, *values])[0]  # the step's inputs, flat
+
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         n = tokens.shape[0]
         if n == 1 and self.single is not None:
@@ -219,15 +251,12 @@ class StepGraph:
                 return self.single.boxed_run([tokens, positions, row_mask(positions, int(positions[0]) + 1), *keys, *values])[0]
             except Exception as exc:  # noqa: BLE001 - one row through the library of many from now on
                 self._fail_single(exc)
-        pad = max(0, self.MIN_ROWS - n)  # the padding rows write at position 0 of free rows, which a prefill overwrites
-        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
-        mask = row_mask(positions, int(positions.max()) + 1)
         if self.runner is not None:
             try:
-                return self.runner.boxed_run([tokens, positions, mask, *keys, *values])[0][:n]  # the step's inputs, flat
+                return self._many(tokens, positions, keys, values)[:n]
             except Exception as exc:  # noqa: BLE001 - a call the library refuses: this step and every later one eagerly
                 self._fail(exc)
-        return self.step(tokens, positions, mask, keys, values)[:n]
+        return self.step(tokens, positions, row_mask(positions, int(positions.max()) + 1), keys, values)
 
     def _fail(self, exc: Exception) -> None:
         self.runner = self.single = None
@@ -247,7 +276,7 @@ class StepGraph:
     def state(self) -> str:
         """"compiled" (every library loaded), "building" (served eagerly meanwhile, or by the library of many rows while
         the single-row one builds) or "eager" (no library: `failed` says why)."""
-        built = self.single is not None or self.single_failed or not self.one_row  # the single-row library: loaded or never
+        built = self.one_row_ms or self.single_failed or not self.one_row  # the single-row library: measured, failed or never
         return "eager" if self.failed else "compiled" if self.ready and built else "building"
 
     def __str__(self) -> str:
@@ -256,7 +285,12 @@ class StepGraph:
         if self.state == "building":
             return "the library of many rows, while the single-row one builds" if self.ready else "eager while the compiled step builds"
         how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
-        one = ", one row as reductions" if self.single is not None else ""
+        one = ""
+        if self.one_row_ms:
+            reductions, many = self.one_row_ms
+            one = (f", one row as reductions ({reductions:.1f} ms a step against {many:.1f} through the library of many)"
+                   if self.single is not None else
+                   f", one row through the library of many ({many:.1f} ms a step against {reductions:.1f} as reductions)")
         return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
 
 
