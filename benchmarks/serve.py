@@ -11,7 +11,8 @@ library compiled ahead of time, built in the background after the server is read
 its sweep starts once /health says it is loaded, and how long that took is printed); `--int8` adds ours, eager and compiled, on notebook 06's int8
 weights (llama.cpp keeps F16). Prints the table, and the ratios the issues target: at 16 clients batching
 on / off (>= 4x), ours / llama.cpp (>= 1.0x); at 1 client the time per token (<= 1.3x llama.cpp's); each
-server's resident memory against its weights and KV cache.
+server's resident memory against its weights and KV cache, and how much of it is pages of mapped files (shared
+libraries: clean, and resident as far as the page cache holds them).
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def main() -> None:
     slots = max(clients)
     print(f"model {model}, GGUF {gguf}; torch {torch.__version__}, {os.cpu_count()} CPUs; {args.seconds:.0f} s a point")
 
-    memory: dict[str, tuple[int, int]] = {}  # server -> (resident bytes after its sweep, peak during it)
+    memory: dict[str, tuple[int, int, int]] = {}  # server -> (resident bytes after its sweep, peak during it, of them file pages)
     served: dict[str, str] = {}  # our servers -> the folder each serves
 
     def sweep(server, server_name: str, folder: str | None = None) -> list[dict]:
@@ -69,7 +70,7 @@ def main() -> None:
         rows = [closed_loop(server.url, name, c, args.seconds, args.max_tokens, server=server_name) for c in clients]
         rows += [poisson(server.url, name, r, args.seconds, args.max_tokens, server=server_name) for r in rates]
         time.sleep(1)  # the scheduler hands its freed heap back once idle
-        memory[server_name] = hardware.resident_bytes(pid)
+        memory[server_name] = (*hardware.resident_bytes(pid), hardware.file_backed_bytes(pid))
         if folder:
             served[server_name] = folder
         return rows
@@ -123,11 +124,14 @@ def main() -> None:
         prepared = decoding.prepare(checkpoint.load(served[o])[0])  # what the server holds: its weights and its KV cache's size
         weights = model_bytes(prepared)
         cache = cache_bytes(prepared, slots, args.context, prepared.decoding.dtype, compile="compiled" in o)
-        rss, peak = memory[o]
+        rss, peak, files = memory[o]
         print(f"resident memory: {o} {rss / 1e6:.0f} MB = weights {weights / 1e6:.0f} MB + KV cache {cache / 1e6:.0f} MB "
-              f"+ {(rss - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two); peak while serving "
-              f"{peak / 1e6:.0f} MB, {(peak - weights - cache) / 1e6:.0f} MB above")
-    print(f"resident memory: {llama} {memory[llama][0] / 1e6:.0f} MB, peak while serving {memory[llama][1] / 1e6:.0f} MB")
+              f"+ {(rss - weights - cache) / 1e6:.0f} MB (target: <= 300 MB above the two), of which {files / 1e6:.0f} MB "
+              f"mapped files; peak while serving {peak / 1e6:.0f} MB, {(peak - weights - cache) / 1e6:.0f} MB above")
+    print(f"resident memory: {llama} {memory[llama][0] / 1e6:.0f} MB, of which {memory[llama][2] / 1e6:.0f} MB mapped files "
+          f"(its weights among them); peak while serving {memory[llama][1] / 1e6:.0f} MB")
+    print("mapped files: clean pages of shared libraries (and llama.cpp's GGUF), resident as far as the page cache holds them: "
+          "the same server counts tens of MB more right after an install than after `echo 3 > /proc/sys/vm/drop_caches`")
     print(f"took {time.perf_counter() - started:.0f} s")
 
 

@@ -1,3 +1,4 @@
+import json
 import random
 import subprocess
 import sys
@@ -71,6 +72,19 @@ def test_resident_memory_sees_a_large_allocation_and_its_peak():
             "del block; a, p = r(); print(json.dumps([b0, d, a, p]))")
     before, during, after, peak = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert during - before > 180e6 and peak - before > 180e6 and after < during - 180e6  # 200 MB, touched, then freed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's RssFile")
+def test_file_backed_memory_counts_a_mapped_file_and_not_an_allocation(tmp_path):
+    """A server's resident memory splits into what it allocated and pages of files it maps: the second grows by a
+    mapped file read through (64 MB), not by 200 MB of numpy."""
+    data = tmp_path / "mapped.bin"
+    data.write_bytes(b"x" * 64_000_000)
+    code = ("import json, mmap, sys, numpy as np; from llmnb.hardware import file_backed_bytes as f; f0 = f(); "
+            "block = np.ones(25_000_000); f1 = f(); fh = open(sys.argv[1], 'rb'); m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ); "
+            "total = sum(m[i] for i in range(0, len(m), 4096)); print(json.dumps([f0, f1, f()]))")
+    before, allocated, mapped = json.loads(subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True, check=True).stdout)
+    assert abs(allocated - before) < 10e6 and mapped - allocated > 60e6
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's peak counter")
