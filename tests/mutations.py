@@ -173,7 +173,7 @@ MUTATIONS = [
              "    MIN_ROWS = 2", "    MIN_ROWS = 1", ("tests/test_serve_step.py::test_a_compiled_step_serves_what_the_eager_one_does",
               "tests/test_serve_step.py::test_one_row_is_served_by_the_library_that_timed_faster")),
     Mutation("compiled server step: one row served by the library that timed slower", "llmnb/serve/step.py",
-             "single if self.one_row_ms[0] < self.one_row_ms[1] else None", "single if self.one_row_ms[0] > self.one_row_ms[1] else None",
+             "single if ms[0] < ms[1] else None", "single if ms[0] > ms[1] else None",
              ("tests/test_serve_step.py::test_one_row_is_served_by_the_library_that_timed_faster",)),
     Mutation("compiled server step: the padding row writes into a running row", "llmnb/serve/step.py",
              "tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))",
