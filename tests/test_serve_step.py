@@ -30,7 +30,7 @@ def _built(model, max_batch=3, one_row_ms=(1.0, 2.0)) -> Scheduler:
     s = Scheduler(model, max_batch=max_batch, context=64, compile=True)
     assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
     if one_row_ms:
-        s.graph.time_one_row = lambda single: one_row_ms
+        s.graph.time_one_row = lambda single, many: one_row_ms
     s.graph.build()
     assert s.graph.ready and s.step_state() == "compiled", s.decoding()
     return s
@@ -86,9 +86,19 @@ def test_one_row_is_timed_both_ways_on_a_scratch_cache(model):
     assert 0 < reductions < 1e3 and 0 < many < 1e3
     assert (s.graph.single is not None) == (reductions < many)
     assert not any(t.any() for t in s.cache.keys + s.cache.values)  # the server's own cache: untouched
-    single, s.graph.runner = _Counted(s.graph._load("one")), _Counted(s.graph.runner)
-    s.graph.time_one_row(single, rounds=2, calls=3)
-    assert single.rows == [1] * 6 and s.graph.runner.rows == [2] * 6  # each way, every round; one row, padded to two
+    single, many = _Counted(s.graph._load("one")), _Counted(s.graph.runner)
+    s.graph.time_one_row(single, many, rounds=2, calls=3)
+    assert single.rows == [1] * 6 and many.rows == [2] * 6  # each way, every round; one row, padded to two
+
+
+def test_no_library_serves_while_one_row_is_timed(model):
+    """The scheduler's thread keeps to the eager step until the timing is done: two threads calling one library at
+    once deadlocked in it (the background test below hung so)."""
+    s = Scheduler(model, max_batch=2, context=64, compile=True)
+    seen = []
+    s.graph.time_one_row = lambda single, many: seen.append((s.graph.ready, s.step_state())) or (1.0, 2.0)
+    s.graph.build()
+    assert seen == [(False, "building")] and s.graph.ready and s.step_state() == "compiled"
 
 
 def test_a_second_server_finds_the_library_on_disk(model):

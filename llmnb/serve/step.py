@@ -193,18 +193,21 @@ class StepGraph:
             warnings.warn(f"llmnb.serve: {self}; serving eagerly")
             return
         try:
-            self.runner = self._load("many")
+            many = self._load("many")
         except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
             self._fail(exc)
             return
         if self.one_row:
             try:
                 single = self._load("one")
-                ms = self.time_one_row(single)
+                ms = self.time_one_row(single, many)
                 self.single = single if ms[0] < ms[1] else None
-                self.one_row_ms = ms  # last: `state` says "compiled" once the choice is made
+                self.one_row_ms = ms
             except Exception as exc:  # noqa: BLE001 - one row is served as two instead
                 self._fail_single(exc)
+        # last: the scheduler's thread calls a library only once this one no longer does (two threads calling one
+        # library at once deadlocked in it)
+        self.runner = many
 
     def _load(self, rows: str):
         """The library for `rows`, compiled first if it is not on disk, reading the model's own tensors."""
@@ -219,17 +222,17 @@ class StepGraph:
         runner.load_constants(weights(self.step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
         return runner
 
-    def time_one_row(self, single, length: int = 64, rounds: int = 3, calls: int = 5) -> tuple[float, float]:
-        """Milliseconds a step of one row takes through `single` and through the library of many (as two rows), each
-        the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of `length` positions (the server's
-        own cache is serving meanwhile). Which is faster depends on the processor: see the module's docstring."""
+    def time_one_row(self, single, many, length: int = 64, rounds: int = 3, calls: int = 5) -> tuple[float, float]:
+        """Milliseconds a step of one row takes through the library `single` and through `many` (as two rows), each
+        the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of `length` positions (the server
+        serves eagerly meanwhile, on its own cache). Which is faster depends on the processor: see the module's docstring."""
         c, weight = self.step.model.config, self.step.model.norm_f.weight
         shape = (self.MIN_ROWS, c.n_kv_head, length, c.head_dim)  # (slots, n_kv, positions, hs)
         keys, values = ([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(c.n_layer)] for _ in "kv")
         tokens, positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device), torch.tensor([length - 1], device=weight.device)
         mask = row_mask(positions, length)
         ways = (lambda: single.boxed_run([tokens, positions, mask, *keys, *values]),
-                lambda: self._many(tokens, positions, keys, values))
+                lambda: padded_run(many, tokens, positions, keys, values))
         best = [math.inf, math.inf]
         for _ in range(rounds):  # the first round warms both up; the fastest round is the least disturbed one
             for i, way in enumerate(ways):
@@ -238,12 +241,6 @@ class StepGraph:
                     way()
                 best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e3)
         return best[0], best[1]
-
-    def _many(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """The library of many rows on `tokens`, padded to MIN_ROWS: (max(n, MIN_ROWS), vocab)."""
-        pad = max(0, self.MIN_ROWS - tokens.shape[0])  # the padding rows write at position 0 of free rows, which a prefill overwrites
-        tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
-        return self.runner.boxed_run([tokens, positions, row_mask(positions, int(positions.max()) + 1), *keys, *values])[0]  # the step's inputs, flat
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         n = tokens.shape[0]
@@ -254,7 +251,7 @@ class StepGraph:
                 self._fail_single(exc)
         if self.runner is not None:
             try:
-                return self._many(tokens, positions, keys, values)[:n]
+                return padded_run(self.runner, tokens, positions, keys, values)[:n]
             except Exception as exc:  # noqa: BLE001 - a call the library refuses: this step and every later one eagerly
                 self._fail(exc)
         return self.step(tokens, positions, row_mask(positions, int(positions.max()) + 1), keys, values)
@@ -275,8 +272,8 @@ class StepGraph:
 
     @property
     def state(self) -> str:
-        """"compiled" (every library loaded), "building" (served eagerly meanwhile, or by the library of many rows while
-        the single-row one builds) or "eager" (no library: `failed` says why)."""
+        """"compiled" (every library loaded), "building" (served eagerly meanwhile) or "eager" (no library: `failed`
+        says why)."""
         built = self.one_row_ms or self.single_failed or not self.one_row  # the single-row library: measured, failed or never
         return "eager" if self.failed else "compiled" if self.ready and built else "building"
 
@@ -284,7 +281,7 @@ class StepGraph:
         if self.state == "eager":
             return f"eager: {self.failed}"
         if self.state == "building":
-            return "the library of many rows, while the single-row one builds" if self.ready else "eager while the compiled step builds"
+            return "eager while the compiled step builds"
         how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
         one = ""
         if self.one_row_ms:
@@ -293,6 +290,13 @@ class StepGraph:
                    if self.single is not None else
                    f", one row through the library of many ({many:.1f} ms a step against {reductions:.1f} as reductions)")
         return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
+
+
+def padded_run(library, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """The library of many rows on `tokens`, padded to StepGraph.MIN_ROWS: (max(n, MIN_ROWS), vocab) logits."""
+    pad = max(0, StepGraph.MIN_ROWS - tokens.shape[0])  # the padding rows write at position 0 of free rows, which a prefill overwrites
+    tokens, positions = F.pad(tokens, (0, 0, 0, pad)), F.pad(positions, (0, pad))
+    return library.boxed_run([tokens, positions, row_mask(positions, int(positions.max()) + 1), *keys, *values])[0]  # the step's inputs, flat
 
 
 def _reason(exc: Exception) -> str:
