@@ -42,8 +42,7 @@ def resident_bytes(pid: int | None = None) -> tuple[int, int]:
     from ru_maxrss, and another process's is its current RSS (sample it to find a peak).
     """
     try:
-        with open(f"/proc/{pid or 'self'}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        fields = _proc_status(pid)
         return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
     except (OSError, KeyError):
         if pid is not None and pid != os.getpid():
@@ -60,11 +59,15 @@ def file_backed_bytes(pid: int | None = None) -> int:
     the page cache, not on the process. A fully cached libtorch_cpu.so (just installed) put 149 MiB of it in a server
     that, after `echo 3 > /proc/sys/vm/drop_caches`, held 69 MiB of it, with the same anonymous memory."""
     try:
-        with open(f"/proc/{pid or 'self'}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return int(fields["RssFile"].split()[0]) * 1024
+        return int(_proc_status(pid)["RssFile"].split()[0]) * 1024
     except (OSError, KeyError):
         return 0
+
+
+def _proc_status(pid: int | None) -> dict[str, str]:
+    """Linux's /proc/PID/status (default: this process) as {field: value}; OSError where there is none."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        return dict(line.split(":", 1) for line in f if ":" in line)
 
 
 def release_freed_memory() -> int:
