@@ -272,10 +272,9 @@ class StepGraph:
 
     @property
     def state(self) -> str:
-        """"compiled" (every library loaded), "building" (served eagerly meanwhile) or "eager" (no library: `failed`
-        says why)."""
-        built = self.one_row_ms or self.single_failed or not self.one_row  # the single-row library: measured, failed or never
-        return "eager" if self.failed else "compiled" if self.ready and built else "building"
+        """"compiled" (every library loaded: `build` hands over the library of many last), "building" (served eagerly
+        meanwhile) or "eager" (no library: `failed` says why)."""
+        return "eager" if self.failed else "compiled" if self.ready else "building"
 
     def __str__(self) -> str:
         if self.state == "eager":
