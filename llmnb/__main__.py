@@ -99,9 +99,10 @@ def _serve(args) -> int:
     from .serve.app import ServeConfig, create_app
 
     limit_heap_arenas()  # before the loading, scheduling and HTTP threads start: one arena, which an idle trim empties
-    # before the first matrix product: up to 1024 kernels kept, one per prompt length and shape; a compiled server
-    # multiplies plain weights, which PyTorch's own cache does not speed up
-    limit_kernel_caches(packed=not args.compile)
+    # before the first matrix product (packing included): up to 1024 kernels kept, one per prompt length and shape. A
+    # compiled server sets its own once it knows its weights' layout (serve.served.Served.load)
+    if not args.compile:
+        limit_kernel_caches(packed=True)
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1:
         print("llmnb serve: --max-batch and --max-body-bytes must be >= 1, --max-waiting >= 0", file=sys.stderr)

@@ -337,6 +337,17 @@ def fuse_projections(model: GPT) -> int:
     return fused
 
 
+def pack_linears(model: GPT) -> int:
+    """Each plain linear layer of `model`, in place, as a `PackedLinear` (its weight in oneDNN's layout); returns how
+    many. A tied head stays the embedding's tensor: packing it would store the vocabulary twice."""
+    packed, head = 0, getattr(model.wte, "weight", None)  # a quantized embedding has codes, no weight
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and module.weight is not head:
+            swap_module(model, name, PackedLinear(module))
+            packed += 1
+    return packed
+
+
 def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, compile: bool = False) -> GPT:
     """`model`, in place, in the dtype its device decodes fastest in (or `dtype`), linear weights packed; returns it.
 
@@ -362,12 +373,7 @@ def prepare(model: GPT, dtype: torch.dtype | str = "auto", pack: bool = True, co
         dtype, why = named, f"{str(named).removeprefix('torch.')} (asked for)"
     model.eval().requires_grad_(False).to(dtype)  # floating tensors only: int8/int4 codes keep theirs
     fused = fuse_projections(model)
-    packed = 0
-    if pack and not compile and device.type == "cpu" and packable(dtype):
-        for name, module in list(model.named_modules()):
-            if type(module) is nn.Linear and module.weight is not model.wte.weight:  # a tied head stays the embedding's
-                swap_module(model, name, PackedLinear(module))
-                packed += 1
+    packed = pack_linears(model) if pack and not compile and device.type == "cpu" and packable(dtype) else 0
     model.decoding = Decoding(dtype, why, packed, fused, CompiledStep(model) if compile else None)
     hardware.release_freed_memory()  # the fp32 weights just replaced: hand their pages back, or the server's memory keeps them
     return model

@@ -1,6 +1,7 @@
 """The server's compiled step (llmnb.serve.step): one library for any rows and cache, built in a child process, reading
 the model's own weights; the same tokens as the eager step, and eager, with one warning, whenever it cannot be had."""
 import copy
+import json
 
 import pytest
 import torch
@@ -24,13 +25,17 @@ def _joining_and_leaving(scheduler):
     return [seq.tokens for seq in seqs], torch.tensor([e.logprob for seq in seqs for e in seq.events])
 
 
-def _built(model, max_batch=3, one_row_ms=(1.0, 2.0)) -> Scheduler:
-    """A scheduler with its step built; `one_row_ms`: what timing one row (reductions, library of many) is taken to
-    say (the default keeps the single-row library, which most tests here check; None: measure)."""
+FORCED = {"reductions": 1.0, "many": 2.0, "packed": 3.0}  # what timing one row is taken to say, unless a test says otherwise
+
+
+def _built(model, max_batch=3, one_row_ms=FORCED) -> Scheduler:
+    """A scheduler with its step built, nothing recorded or read; `one_row_ms`: what timing one row each way is taken
+    to say (the default keeps the single-row library, which most tests here check; None: measure)."""
     s = Scheduler(model, max_batch=max_batch, context=64, compile=True)
     assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
+    s.graph.choice_path = None
     if one_row_ms:
-        s.graph.time_one_row = lambda single, many: one_row_ms
+        s.graph.time_one_row = lambda libraries: {way: one_row_ms[way] for way in libraries}
     s.graph.build()
     assert s.graph.ready and s.step_state() == "compiled", s.decoding()
     return s
@@ -62,42 +67,82 @@ class _Counted:
         return self.library.boxed_run(inputs)
 
 
-@pytest.mark.parametrize("one_row_ms", [(1.0, 2.0), (2.0, 1.0)], ids=["reductions-faster", "many-faster"])
-def test_one_row_is_served_by_the_library_that_timed_faster(model, one_row_ms):
-    """Which library serves one row faster depends on the processor (reductions won clearly on a Zen 4 EPYC, and were
-    within a few percent either way on a Xeon): either way the step serves what the eager one does, and /health says
-    which and why."""
-    s = _built(model, max_batch=1, one_row_ms=one_row_ms)
-    reductions_faster = one_row_ms[0] < one_row_ms[1]
-    assert (s.graph.single is not None) == reductions_faster and s.step_state() == "compiled"
-    assert ("one row as reductions (1.0 ms a step against 2.0" if reductions_faster else
-            "one row through the library of many (1.0 ms a step against 2.0 as reductions)") in s.decoding(), s.decoding()
+def _plain_matrices(model) -> int:
+    return sum(type(m) is torch.nn.Linear and m.weight is not model.wte.weight for m in model.modules())
+
+
+@pytest.mark.parametrize("fastest", ["reductions", "many", "packed"])
+def test_one_row_is_served_the_way_that_timed_fastest(model, fastest):
+    """Which way serves one row fastest depends on the processor (reductions won clearly on a Zen 4 EPYC; packed weights
+    on a Xeon with AMX): each serves what the eager step does, and /health says which and why. Packed, the model's own
+    matrices are swapped for packed ones: no plain copy is left."""
+    served = copy.deepcopy(model)
+    s = _built(served, max_batch=1, one_row_ms={**FORCED, fastest: 0.5})
+    assert s.graph.way == fastest and (s.graph.single is not None) == (fastest == "reductions") and s.step_state() == "compiled"
+    times = {"reductions": "reductions 0.5, many 2.0, packed 3.0", "many": "many 0.5, reductions 1.0, packed 3.0",
+             "packed": "packed 0.5, reductions 1.0, many 2.0"}[fastest]
+    assert f"{step.WAYS[fastest]} (ms a step: {times}; timed at this start)" in s.decoding(), s.decoding()
+    assert _plain_matrices(served) == (0 if fastest == "packed" else _plain_matrices(model)) and _plain_matrices(model) > 0
+    assert (library_path(DecodeStep(served)) == library_path(DecodeStep(model))) == (fastest != "packed")
     s.graph.runner = many = _Counted(s.graph.runner)
     tokens, logprobs = _joining_and_leaving(s)
     eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=1, context=64))
     assert tokens == eager_tokens and not s.graph.failed and not s.graph.single_failed
     torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
     # the library of many was exported for 2 rows or more: one row reaches it padded to two, or not at all
-    assert set(many.rows) == (set() if reductions_faster else {2}), many.rows
+    assert set(many.rows) == (set() if fastest == "reductions" else {2}), many.rows
 
 
-def test_one_row_is_timed_both_ways_on_a_scratch_cache(model):
-    s = _built(model, max_batch=2, one_row_ms=None)
-    reductions, many = s.graph.one_row_ms
-    assert 0 < reductions < 1e3 and 0 < many < 1e3
-    assert (s.graph.single is not None) == (reductions < many)
+def test_one_row_is_timed_each_way_on_a_scratch_cache(model):
+    served = copy.deepcopy(model)  # timed packed fastest, its matrices are swapped
+    s = _built(served, max_batch=2, one_row_ms=None)
+    assert set(s.graph.one_row_ms) == set(s.graph.ways) == {"reductions", "many", "packed"}
+    assert all(0 < ms < 1e3 for ms in s.graph.one_row_ms.values())
+    assert s.graph.way == min(s.graph.one_row_ms, key=s.graph.one_row_ms.get)
     assert not any(t.any() for t in s.cache.keys + s.cache.values)  # the server's own cache: untouched
-    single, many = _Counted(s.graph._load("one")), _Counted(s.graph.runner)
-    s.graph.time_one_row(single, many, rounds=2, calls=3)
-    assert single.rows == [1] * 6 and many.rows == [2] * 6  # each way, every round; one row, padded to two
+    libraries = {"reductions": _Counted(s.graph._load("one")), "many": _Counted(s.graph.runner)}
+    s.graph.time_one_row(libraries, rounds=2, calls=3)
+    assert libraries["reductions"].rows == [1] * 6 and libraries["many"].rows == [2] * 6  # every round; one row, padded to two
+
+
+def test_the_way_is_recorded_and_read_by_the_next_start(model, tmp_path, monkeypatch):
+    """Timed once on this machine: a restarted server reads the way (packing its weights for "packed") before its first
+    product, so its kernel cache is sized for its layout; an unreadable record is timed again and replaced."""
+    record = tmp_path / "choice.json"
+    monkeypatch.setattr(step, "choice_path", lambda _: record)
+    assert step.packs_weights(model)  # nothing recorded: a first start may pack
+    first = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
+    first.graph.time_one_row = lambda libraries: {**dict.fromkeys(libraries, 2.0), "packed": 1.0}
+    first.graph.build()
+    assert json.loads(record.read_text()) == {"way": "packed", "ms": {"reductions": 2.0, "many": 2.0, "packed": 1.0}}
+    assert "timed at this start" in first.decoding() and step.packs_weights(model)
+
+    def never(libraries):
+        raise AssertionError("timed again")
+
+    again = copy.deepcopy(model)
+    s = Scheduler(again, max_batch=2, context=64, compile=True)
+    s.graph.time_one_row = never
+    s.graph.build()
+    assert s.graph.way == "packed" and s.graph.recorded and _plain_matrices(again) == 0
+    assert "ms a step: packed 1.0, reductions 2.0, many 2.0; timed on an earlier start" in s.decoding(), s.decoding()
+
+    record.write_text(json.dumps({"way": "many", "ms": {"many": 1.0}}))
+    assert not step.packs_weights(model)  # a plain layout: the cache keeps one product
+    record.write_text("{not json")
+    timed = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
+    timed.graph.time_one_row = lambda libraries: {**dict.fromkeys(libraries, 2.0), "many": 1.0}
+    timed.graph.build()
+    assert timed.graph.way == "many" and not timed.graph.recorded and json.loads(record.read_text())["way"] == "many"
 
 
 def test_no_library_serves_while_one_row_is_timed(model):
     """The scheduler's thread keeps to the eager step until the timing is done: two threads calling one library at
     once deadlocked in it (the background test below hung so)."""
     s = Scheduler(model, max_batch=2, context=64, compile=True)
+    s.graph.choice_path = None
     seen = []
-    s.graph.time_one_row = lambda single, many: seen.append((s.graph.ready, s.step_state())) or (1.0, 2.0)
+    s.graph.time_one_row = lambda libraries: seen.append((s.graph.ready, s.step_state())) or FORCED
     s.graph.build()
     assert seen == [(False, "building")] and s.graph.ready and s.step_state() == "compiled"
 
@@ -225,7 +270,9 @@ def test_without_a_compiler_the_server_step_stays_eager_and_says_so(model, monke
 
 
 def test_the_compiled_step_builds_in_the_background_while_serving_eagerly(model):
-    s = Scheduler(model, max_batch=4, context=64, compile=True)
+    """Timing the ways, maybe packing the weights, while the scheduler serves eagerly on them."""
+    s = Scheduler(copy.deepcopy(model), max_batch=4, context=64, compile=True)
+    s.graph.choice_path = None  # timed here, whatever an earlier test recorded
     s.start()
     seqs = [submit(s, [i + 1, i + 2], Sampling(5, temperature=0)) for i in range(6)]
     s.stop()

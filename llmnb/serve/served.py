@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .. import decoding
+from .. import decoding, hardware
 from ..checkpoint import load
 from ..lora import load_adapter, merge_and_unload
 from ..tokenizer import FolderTokenizer
 from .metrics import Metrics
 from .moderation import Batched
 from .scheduler import Scheduler, Token
+from .step import packs_weights
 
 
 @dataclass
@@ -53,8 +54,10 @@ class Served:
             load_adapter(model, self.config.adapter, expect_base=self.config.model)
             model = merge_and_unload(model)  # serve at the base model's speed
         # bf16 where the CPU computes it natively; q/k/v and gate/up fused; a tied head stays tied. Eager: weights packed
-        # for oneDNN. Compiled: plain, which the single-row library streams as reductions (serve.step.StepGraph)
+        # for oneDNN. Compiled: plain, until the step's build packs them where that serves one row fastest (serve.step)
         decoding.prepare(model, self.config.dtype, pack=not self.config.compile)
+        if self.config.compile:  # before the first product (the eager server's limit is set by the CLI, before packing)
+            hardware.limit_kernel_caches(packed=packs_weights(model))
         self.model, self.tokenizer = model, tokenizer
         self.hf = isinstance(tokenizer, FolderTokenizer) or hasattr(tokenizer, "apply_chat_template")  # decode takes skip_special_tokens
         self.chat_template = bool(getattr(tokenizer, "chat_template", None))

@@ -13,14 +13,15 @@ state and a second, packed copy of every weight matrix. Here the server holds on
 weights are not in them) and hands them pointers to the model's own tensors (`load_constants(..., user_managed=True)`).
 No weight is stored twice, no compiler state stays in the server, and a restarted server finds its libraries on disk.
 
-Why a library for one row: a step for one client multiplies one row by every matrix, and is bound by how fast the
-weights are read. Written as reductions (`decoding.RowLinear`), Inductor's loops stream plain bf16 weights at about
-twice the rate of PyTorch's kernels on a Zen 4 EPYC: SmolLM2's one-row step took 11.6 ms against 17.6 with
-oneDNN's packed weights (2 cores; benchmarks/README.md). On a Xeon with AMX the two were within a few percent, either
-way round (23.8 ms against 22.4 through the library of many in one measurement). So `build` times one row both ways on
-a scratch cache and keeps the faster (`one_row_ms`).
-A compiled server keeps its weights plain (`decoding.prepare(..., pack=False)`); with packed ones (oneDNN's opaque
-layout, which a reduction cannot read) only the library of many rows is built, and one row is served as two.
+Why three ways to serve one row (`WAYS`): a step for one client multiplies one row by every matrix, and is bound by
+how fast the weights are read, which depends on the processor. Written as reductions (`decoding.RowLinear`), Inductor's
+loops stream plain bf16 weights at about twice the rate of PyTorch's kernels on a Zen 4 EPYC: SmolLM2's one-row step
+took 11.6 ms against 17.6 with oneDNN's packed weights (2 cores; benchmarks/README.md). On a Xeon with AMX it went the
+other way: the library of many on packed weights took 10.5 ms, on plain ones 16.5, and reductions were within a few
+percent of plain. So the first `build` on a machine times one row each way on a scratch cache, keeps the fastest and
+records it beside the libraries (`choice_path`); later servers read it before their first product.
+A compiled server starts with plain weights (`decoding.prepare(..., pack=False)`); the way "packed" swaps each
+matrix for its packed form (oneDNN's opaque layout, which a reduction cannot read), and one row is served as two.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import atexit
 import copy
 import hashlib
 import inspect
+import json
 import math
 import os
 import subprocess
@@ -42,8 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import hardware
-from ..decoding import PackedLinear, compiler_available, next_logits, row_linears
-from ..model import GPT
+from ..decoding import PackedLinear, compiler_available, next_logits, pack_linears, packable, row_linears
+from ..model import GPT, swap_module
 from ..paths import outputs_dir
 from ..quantize import QuantLinear
 from .launch import die_with_parent
@@ -162,11 +164,65 @@ def _stop_children() -> None:
         child.kill()
 
 
+WAYS = {  # how one row can be served (`StepGraph.way`), and what /health calls it
+    "reductions": "one row as reductions (the single-row library, plain weights)",
+    "many": "one row through the library of many (plain weights)",
+    "packed": "one row through the library of many (weights packed for oneDNN)",
+}
+
+
+def ways(step: DecodeStep) -> tuple[str, ...]:
+    """The ways `step` can serve one row: through the library of many always; as reductions where its products are
+    plain float matrices (reductions cannot read oneDNN's layout, and quantized layers keep their own kernels); on
+    packed weights where it holds plain matrices oneDNN packs on this processor. A step already packed has one way."""
+    modules, head, norm = list(step.modules()), getattr(step.model.wte, "weight", None), step.model.norm_f.weight
+    if any(isinstance(m, PackedLinear) for m in modules):
+        return ("packed",)
+    found = ("many",) if any(isinstance(m, QuantLinear) for m in modules) else ("reductions", "many")
+    plain = any(type(m) is nn.Linear and m.weight is not head for m in modules)  # a tied head stays plain (pack_linears)
+    return found + ("packed",) if plain and norm.device.type == "cpu" and packable(norm.dtype) else found
+
+
+def choice_path(step: DecodeStep) -> Path:
+    """Where the way `step` (its weights plain) serves one row is recorded once timed: beside its libraries, named as
+    they are, so a new processor, torch or model.py times again."""
+    return library_path(step, "choice").with_suffix(".json")
+
+
+def read_choice(path: Path | None) -> tuple[str, dict[str, float]] | None:
+    """The way recorded at `path` and the milliseconds it was chosen by; None where nothing readable is (timed again)."""
+    try:
+        record = json.loads(path.read_text())
+        return str(record["way"]), {str(k): float(v) for k, v in record["ms"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def packs_weights(model: GPT) -> bool:
+    """Whether a compiled server of `model` (prepared with plain weights) will serve them packed for oneDNN, or may (no
+    way recorded yet): what `hardware.limit_kernel_caches` must be told before the server's first product."""
+    step = DecodeStep(model)
+    if "packed" not in ways(step):
+        return False
+    recorded = read_choice(choice_path(step))
+    return recorded is None or recorded[0] == "packed"
+
+
+def packed_copy(step: DecodeStep) -> DecodeStep:
+    """`step` with its plain matrices packed for oneDNN (`decoding.pack_linears`); every other tensor is shared, not copied."""
+    shared = {id(t): t for t in [*step.parameters(), *step.buffers()]}
+    copied = copy.deepcopy(step, shared)
+    pack_linears(copied.model)
+    return copied
+
+
 class StepGraph:
     """The scheduler's decoding step as compiled libraries: one for any number of rows (2 or more) and any cache, and,
-    where the weights are plain (neither packed for oneDNN nor quantized), one for a single row whose products are
-    reductions (decoding.RowLinear), kept where it measures faster than the library of many.
+    where the weights are plain floats, one for a single row whose products are reductions (decoding.RowLinear).
 
+    Which serves one row fastest depends on the processor (module docstring): `build` times each way the step allows
+    (`ways`) the first time, on this machine, and records the fastest beside the libraries (`choice_path`); a later
+    build reads it. The way "packed" swaps the model's plain matrices for packed ones (no second copy stays).
     `build` finds each library on disk or has a child process compile it (`compile_library`), then loads it; the
     scheduler serves eagerly meanwhile. Without the single-row library one row is served as two (a free row computes
     beside it): the library of many takes 2 rows or more, as a size of 1 would have been specialised. Any failure,
@@ -179,68 +235,101 @@ class StepGraph:
         self.step = step  # the eager step: what the libraries were traced from, and the fallback
         self.runner = None  # rows >= 2
         self.single = None  # exactly one row
-        # reductions read plain weights only, and quantized layers keep their own kernels (decoding.row_linears)
-        self.one_row = not any(isinstance(m, (PackedLinear, QuantLinear)) for m in step.modules())
-        self.one_row_ms: tuple[float, float] | None = None  # one row through (the single-row library, the library of many)
+        self.ways = ways(step)
+        # named while the weights are plain (the way "packed" changes them); None: time at every build, record nothing
+        self.choice_path: Path | None = choice_path(step) if len(self.ways) > 1 else None
+        self.way = self.ways[0] if len(self.ways) == 1 else None  # chosen by `build`
+        self.one_row_ms: dict[str, float] = {}  # one row's step, each way, as timed (`time_one_row`)
+        self.recorded = False  # the way was read from `choice_path`, timed on an earlier start
         self.compile_seconds = 0.0  # 0 when the libraries were found on disk
         self.path: Path | None = None
         self.failed = "" if compiler_available() else "no C++ compiler (g++, c++ or clang++) for Inductor"
         self.single_failed = ""
 
     def build(self) -> None:
-        """Find or compile the libraries, and load them with the model's own weights."""
+        """Choose the way one row is served, find or compile the libraries, and load them with the model's own weights."""
         if self.failed:  # no compiler: nothing to build
             warnings.warn(f"llmnb.serve: {self}; serving eagerly")
             return
         try:
-            many = self._load("many")
+            self.way = self.way or self._choose()
+            many = self._load("many")  # on packed weights where the way is "packed": `_choose` swapped them in
         except Exception as exc:  # noqa: BLE001 - any failure to build or load: serve eagerly, say why once
             self._fail(exc)
             return
-        if self.one_row:
+        if self.way == "reductions":
             try:
-                single = self._load("one")
-                ms = self.time_one_row(single, many)
-                self.single = single if ms[0] < ms[1] else None
-                self.one_row_ms = ms
+                self.single = self._load("one")
             except Exception as exc:  # noqa: BLE001 - one row is served as two instead
                 self._fail_single(exc)
         # last: the scheduler's thread calls a library only once this one no longer does (two threads calling one
         # library at once deadlocked in it)
         self.runner = many
 
-    def _load(self, rows: str):
-        """The library for `rows`, compiled first if it is not on disk, reading the model's own tensors."""
-        path = self.path = library_path(self.step, rows)  # both libraries live in one folder (`__str__` names it)
+    def _choose(self) -> str:
+        """The way recorded on this machine, else each way's library loaded and timed, the fastest recorded. For
+        "packed", the model's plain matrices are swapped for packed ones here (the scheduler meanwhile serves eagerly
+        on either: each layer is one or the other)."""
+        recorded = read_choice(self.choice_path)
+        if recorded is not None and recorded[0] in self.ways:
+            way, self.one_row_ms = recorded
+            self.recorded = True
+            packed = packed_copy(self.step) if way == "packed" else None
+        else:
+            packed = packed_copy(self.step) if "packed" in self.ways else None
+            libraries = {way: self._load("one" if way == "reductions" else "many", packed if way == "packed" else None)
+                         for way in self.ways}
+            self.one_row_ms = self.time_one_row(libraries)
+            del libraries  # unloaded: only the chosen ones are loaded again
+            way = min(self.one_row_ms, key=self.one_row_ms.get)
+            if self.choice_path is not None:
+                partial = self.choice_path.with_suffix(f".{os.getpid()}.partial")
+                partial.write_text(json.dumps({"way": way, "ms": self.one_row_ms}))
+                os.replace(partial, self.choice_path)
+        if way == "packed":
+            for name, module in packed.model.named_modules():
+                if isinstance(module, PackedLinear):
+                    swap_module(self.step.model, name, module)
+            if getattr(self.step.model, "decoding", None) is not None:  # /health's description of the weights
+                self.step.model.decoding.packed = sum(isinstance(m, PackedLinear) for m in self.step.modules())
+        del packed
+        hardware.release_freed_memory()  # the matrices of the layout not kept
+        return way
+
+    def _load(self, rows: str, step: DecodeStep | None = None):
+        """The library of `step` (default: the served one) for `rows`, compiled first if it is not on disk, reading
+        the step's own tensors."""
+        step = step or self.step
+        path = self.path = library_path(step, rows)  # the libraries live in one folder (`__str__` names it)
         if not path.is_file():
             start = time.perf_counter()
-            compile_library(self.step, path, rows)
+            compile_library(step, path, rows)
             self.compile_seconds += time.perf_counter() - start
         # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo,
         # sympy), 80 MB the server keeps for nothing
         runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        runner.load_constants(weights(self.step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
+        runner.load_constants(weights(step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
         return runner
 
-    def time_one_row(self, single, many, length: int = 64, rounds: int = 3, calls: int = 5) -> tuple[float, float]:
-        """Milliseconds a step of one row takes through the library `single` and through `many` (as two rows), each
-        the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of `length` positions (the server
-        serves eagerly meanwhile, on its own cache). Which is faster depends on the processor: see the module's docstring."""
+    def time_one_row(self, libraries: dict, length: int = 64, rounds: int = 3, calls: int = 5) -> dict[str, float]:
+        """Milliseconds a step of one row takes each way in `libraries` (way: library; "reductions" takes one row, the
+        others two, one a padding row), each the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of
+        `length` positions (the server serves eagerly meanwhile, on its own cache)."""
         c, weight = self.step.model.config, self.step.model.norm_f.weight
         shape = (self.MIN_ROWS, c.n_kv_head, length, c.head_dim)  # (slots, n_kv, positions, hs)
         keys, values = ([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(c.n_layer)] for _ in "kv")
         tokens, positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device), torch.tensor([length - 1], device=weight.device)
         mask = row_mask(positions, length)
-        ways = (lambda: single.boxed_run([tokens, positions, mask, *keys, *values]),
-                lambda: padded_run(many, tokens, positions, keys, values))
-        best = [math.inf, math.inf]
-        for _ in range(rounds):  # the first round warms both up; the fastest round is the least disturbed one
-            for i, way in enumerate(ways):
+        run = {way: (lambda lib=library: lib.boxed_run([tokens, positions, mask, *keys, *values])) if way == "reductions" else
+               (lambda lib=library: padded_run(lib, tokens, positions, keys, values)) for way, library in libraries.items()}
+        best = dict.fromkeys(run, math.inf)
+        for _ in range(rounds):  # the first round warms each up; the fastest round is the least disturbed one
+            for way, step in run.items():
                 start = time.perf_counter()
                 for _ in range(calls):
-                    way()
-                best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e3)
-        return best[0], best[1]
+                    step()
+                best[way] = min(best[way], (time.perf_counter() - start) / calls * 1e3)
+        return best
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         n = tokens.shape[0]
@@ -282,12 +371,12 @@ class StepGraph:
         if self.state == "building":
             return "eager while the compiled step builds"
         how = f"built in {self.compile_seconds:.0f} s" if self.compile_seconds else f"found in {self.path.parent}"
-        one = ""
+        served = "many" if self.way == "reductions" and self.single is None else self.way
+        one = f", {WAYS[served]}"
         if self.one_row_ms:
-            reductions, many = self.one_row_ms
-            one = (f", one row as reductions ({reductions:.1f} ms a step against {many:.1f} through the library of many)"
-                   if self.single is not None else
-                   f", one row through the library of many ({many:.1f} ms a step against {reductions:.1f} as reductions)")
+            times = ", ".join(f"{way} {ms:.1f}" for way, ms in sorted(self.one_row_ms.items(), key=lambda item: item[1]))
+            when = "timed on an earlier start" if self.recorded else "timed at this start"
+            one += f" (ms a step: {times}; {when})"
         return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
 
 
