@@ -2,6 +2,7 @@
 the model's own weights; the same tokens as the eager step, and eager, with one warning, whenever it cannot be had."""
 import copy
 import json
+import weakref
 
 import pytest
 import torch
@@ -28,6 +29,11 @@ def _joining_and_leaving(scheduler):
 FORCED = {"reductions": 1.0, "many": 2.0, "packed": 3.0}  # what timing one row is taken to say, unless a test says otherwise
 
 
+def _timed(ms: dict[str, float]):
+    """What `StepGraph.time_ways` returns when one row takes `ms` each way."""
+    return lambda: (min(ms, key=ms.get), ms)
+
+
 def _built(model, max_batch=3, one_row_ms=FORCED) -> Scheduler:
     """A scheduler with its step built, nothing recorded or read; `one_row_ms`: what timing one row each way is taken
     to say (the default keeps the single-row library, which most tests here check; None: measure)."""
@@ -35,7 +41,7 @@ def _built(model, max_batch=3, one_row_ms=FORCED) -> Scheduler:
     assert s.step_state() == "building"  # /health's "step": a client waits for "compiled" (ServerProcess.wait_step)
     s.graph.choice_path = None
     if one_row_ms:
-        s.graph.time_one_row = lambda libraries: {way: one_row_ms[way] for way in libraries}
+        s.graph.time_ways = _timed({way: one_row_ms[way] for way in s.graph.ways})
     s.graph.build()
     assert s.graph.ready and s.step_state() == "compiled", s.decoding()
     return s
@@ -77,7 +83,9 @@ def test_one_row_is_served_the_way_that_timed_fastest(model, fastest):
     on a Xeon with AMX): each serves what the eager step does, and /health says which and why. Packed, the model's own
     matrices are swapped for packed ones: no plain copy is left."""
     served = copy.deepcopy(model)
+    plain = weakref.ref(served.blocks[0].mlp.down_proj.weight)
     s = _built(served, max_batch=1, one_row_ms={**FORCED, fastest: 0.5})
+    assert (plain() is None) == (fastest == "packed")  # packed: the plain matrix is gone, not kept beside its packed form
     assert s.graph.way == fastest and (s.graph.single is not None) == (fastest == "reductions") and s.step_state() == "compiled"
     times = {"reductions": "reductions 0.5, many 2.0, packed 3.0", "many": "many 0.5, reductions 1.0, packed 3.0",
              "packed": "packed 0.5, reductions 1.0, many 2.0"}[fastest]
@@ -93,56 +101,73 @@ def test_one_row_is_served_the_way_that_timed_fastest(model, fastest):
     assert set(many.rows) == (set() if fastest == "reductions" else {2}), many.rows
 
 
-def test_one_row_is_timed_each_way_on_a_scratch_cache(model):
-    served = copy.deepcopy(model)  # timed packed fastest, its matrices are swapped
-    s = _built(served, max_batch=2, one_row_ms=None)
-    assert set(s.graph.one_row_ms) == set(s.graph.ways) == {"reductions", "many", "packed"}
-    assert all(0 < ms < 1e3 for ms in s.graph.one_row_ms.values())
-    assert s.graph.way == min(s.graph.one_row_ms, key=s.graph.one_row_ms.get)
-    assert not any(t.any() for t in s.cache.keys + s.cache.values)  # the server's own cache: untouched
-    libraries = {"reductions": _Counted(s.graph._load("one")), "many": _Counted(s.graph.runner)}
-    s.graph.time_one_row(libraries, rounds=2, calls=3)
-    assert libraries["reductions"].rows == [1] * 6 and libraries["many"].rows == [2] * 6  # every round; one row, padded to two
+def test_one_row_is_timed_each_way_in_a_child_and_recorded(model, tmp_path, monkeypatch):
+    """The first start times one row each way in a child process (on zero weights: a library keeps the tensors it was
+    loaded with alive, so the server loads only the way it keeps) and records the fastest; the next start reads it."""
+    record = tmp_path / "choice.json"
+    monkeypatch.setattr(step, "choice_path", lambda _: record)
+    monkeypatch.setattr(step, "compile_library", lambda *_: pytest.fail("the child names its libraries as the server does: "
+                                                                         "it built every one the way needs"))
+    s = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
+    s.graph.build()
+    way, ms = s.graph.way, s.graph.one_row_ms
+    assert set(ms) == set(s.graph.ways) == {"reductions", "many", "packed"} and all(0 < t < 1e3 for t in ms.values()), ms
+    assert way == min(ms, key=ms.get) and json.loads(record.read_text()) == {"way": way, "ms": ms}
+    assert "timed at this start" in s.decoding() and s.step_state() == "compiled" and not s.graph.recorded
+    assert step.packs_weights(model) == (way == "packed")
+
+    def never():
+        raise AssertionError("timed again")
+
+    again = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
+    again.graph.time_ways = never
+    again.graph.build()
+    assert again.graph.way == way and again.graph.recorded and "timed on an earlier start" in again.decoding(), again.decoding()
 
 
-def test_the_way_is_recorded_and_read_by_the_next_start(model, tmp_path, monkeypatch):
-    """Timed once on this machine: a restarted server reads the way (packing its weights for "packed") before its first
-    product, so its kernel cache is sized for its layout; an unreadable record is timed again and replaced."""
+def test_a_recorded_way_is_read_before_the_first_product(model, tmp_path, monkeypatch):
+    """A restarted server packs its weights where "packed" was recorded, and sizes oneDNN's kernel cache for its layout
+    (`packs_weights`) before its first product; an unreadable record is timed again."""
     record = tmp_path / "choice.json"
     monkeypatch.setattr(step, "choice_path", lambda _: record)
     assert step.packs_weights(model)  # nothing recorded: a first start may pack
-    first = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
-    first.graph.time_one_row = lambda libraries: {**dict.fromkeys(libraries, 2.0), "packed": 1.0}
-    first.graph.build()
-    assert json.loads(record.read_text()) == {"way": "packed", "ms": {"reductions": 2.0, "many": 2.0, "packed": 1.0}}
-    assert "timed at this start" in first.decoding() and step.packs_weights(model)
-
-    def never(libraries):
-        raise AssertionError("timed again")
-
-    again = copy.deepcopy(model)
-    s = Scheduler(again, max_batch=2, context=64, compile=True)
-    s.graph.time_one_row = never
+    record.write_text(json.dumps({"way": "packed", "ms": {"packed": 1.0, "many": 2.0}}))
+    assert step.packs_weights(model)
+    served = copy.deepcopy(model)
+    s = Scheduler(served, max_batch=2, context=64, compile=True)
     s.graph.build()
-    assert s.graph.way == "packed" and s.graph.recorded and _plain_matrices(again) == 0
-    assert "ms a step: packed 1.0, reductions 2.0, many 2.0; timed on an earlier start" in s.decoding(), s.decoding()
+    assert s.graph.way == "packed" and s.graph.recorded and _plain_matrices(served) == 0
+    assert "ms a step: packed 1.0, many 2.0; timed on an earlier start" in s.decoding(), s.decoding()
+    tokens, logprobs = _joining_and_leaving(s)
+    eager_tokens, eager_logprobs = _joining_and_leaving(Scheduler(model, max_batch=2, context=64))
+    assert tokens == eager_tokens
+    torch.testing.assert_close(logprobs, eager_logprobs, atol=1e-5, rtol=0)
 
     record.write_text(json.dumps({"way": "many", "ms": {"many": 1.0}}))
     assert not step.packs_weights(model)  # a plain layout: the cache keeps one product
     record.write_text("{not json")
     timed = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
-    timed.graph.time_one_row = lambda libraries: {**dict.fromkeys(libraries, 2.0), "many": 1.0}
+    timed.graph.time_ways = _timed({"reductions": 2.0, "many": 1.0, "packed": 3.0})
     timed.graph.build()
-    assert timed.graph.way == "many" and not timed.graph.recorded and json.loads(record.read_text())["way"] == "many"
+    assert timed.graph.way == "many" and not timed.graph.recorded and "timed at this start" in timed.decoding()
 
 
-def test_no_library_serves_while_one_row_is_timed(model):
-    """The scheduler's thread keeps to the eager step until the timing is done: two threads calling one library at
-    once deadlocked in it (the background test below hung so)."""
-    s = Scheduler(model, max_batch=2, context=64, compile=True)
+def test_time_one_row_runs_each_library_on_one_row(model):
+    s = _built(model, max_batch=2)
+    libraries = {"reductions": _Counted(s.graph.single), "many": _Counted(s.graph.runner)}
+    ms = step.time_one_row(s.graph.step, libraries, rounds=2, calls=3)
+    assert set(ms) == {"reductions", "many"} and all(0 < t < 1e3 for t in ms.values())
+    assert libraries["reductions"].rows == [1] * 6 and libraries["many"].rows == [2] * 6  # every round; one row, padded to two
+    assert not any(t.any() for t in s.cache.keys + s.cache.values)  # a scratch cache: the server's is untouched
+
+
+def test_no_library_serves_before_the_way_is_chosen(model):
+    """The scheduler's thread keeps to the eager step until the way is chosen: a library handed over before would read
+    plain weights that "packed" then frees."""
+    s = Scheduler(copy.deepcopy(model), max_batch=2, context=64, compile=True)
     s.graph.choice_path = None
     seen = []
-    s.graph.time_one_row = lambda libraries: seen.append((s.graph.ready, s.step_state())) or FORCED
+    s.graph.time_ways = lambda: seen.append((s.graph.ready, s.step_state())) or ("packed", FORCED)
     s.graph.build()
     assert seen == [(False, "building")] and s.graph.ready and s.step_state() == "compiled"
 

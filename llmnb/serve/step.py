@@ -137,6 +137,19 @@ def compile_library(step: DecodeStep, path: Path, rows: str = "many") -> None:
     """Export `step` for `rows` ("many" or "one") and build its library at `path`, in a child process: the compiler's
     memory never joins the server's. The child gets the step's structure only (on the meta device): the weights'
     values are not in the library."""
+    _in_child(step, "build", str(path), rows)
+
+
+def time_in_child(step: DecodeStep, record: Path) -> None:
+    """Time one row of `step` (plain weights) each way it allows, in a child process on zero weights of the same
+    shapes, building the libraries that are not on disk; the child records the way and the times at `record`.
+    Not here: a library loaded with tensors keeps them alive after it is deleted (torch 2.13's AOTI loader), so a
+    server that loaded the ways it does not keep would hold both layouts' weights."""
+    _in_child(step, "time", str(record))
+
+
+def _in_child(step: DecodeStep, *args: str) -> None:
+    """`_main(REQUEST, *args)` in a child process, REQUEST being `step` with its tensors on the meta device."""
     # on the meta device a packed weight (decoding.PackedLinear) is a plain one of its shape; the child packs it again
     memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False) for p in step.parameters()}
     memo |= {id(b): b.to("meta") for b in step.buffers()}
@@ -146,7 +159,7 @@ def compile_library(step: DecodeStep, path: Path, rows: str = "many") -> None:
         torch.save(copy.deepcopy(step, memo), request)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the library's loops are written for the server's threads
-        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), str(path), rows], env=env,
+        child = subprocess.Popen([sys.executable, "-m", __name__, str(request), *args], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         _CHILDREN.add(child)
         try:
@@ -155,7 +168,8 @@ def compile_library(step: DecodeStep, path: Path, rows: str = "many") -> None:
             _CHILDREN.discard(child)
     if child.returncode != 0:
         lines = [line for line in err.splitlines() if line.strip()]
-        raise RuntimeError(f"building the step's library failed (exit {child.returncode}): {lines[-1] if lines else 'no message'}")
+        what = "building the step's library" if args[0] == "build" else "timing one row each way"
+        raise RuntimeError(f"{what} failed (exit {child.returncode}): {lines[-1] if lines else 'no message'}")
 
 
 @atexit.register
@@ -267,34 +281,32 @@ class StepGraph:
         self.runner = many
 
     def _choose(self) -> str:
-        """The way recorded on this machine, else each way's library loaded and timed, the fastest recorded. For
+        """The way recorded on this machine, else timed in a child process (`time_in_child`) and recorded. For
         "packed", the model's plain matrices are swapped for packed ones here (the scheduler meanwhile serves eagerly
         on either: each layer is one or the other)."""
         recorded = read_choice(self.choice_path)
-        if recorded is not None and recorded[0] in self.ways:
-            way, self.one_row_ms = recorded
-            self.recorded = True
-            packed = packed_copy(self.step) if way == "packed" else None
-        else:
-            packed = packed_copy(self.step) if "packed" in self.ways else None
-            libraries = {way: self._load("one" if way == "reductions" else "many", packed if way == "packed" else None)
-                         for way in self.ways}
-            self.one_row_ms = self.time_one_row(libraries)
-            del libraries  # unloaded: only the chosen ones are loaded again
-            way = min(self.one_row_ms, key=self.one_row_ms.get)
-            if self.choice_path is not None:
-                partial = self.choice_path.with_suffix(f".{os.getpid()}.partial")
-                partial.write_text(json.dumps({"way": way, "ms": self.one_row_ms}))
-                os.replace(partial, self.choice_path)
+        self.recorded = recorded is not None and recorded[0] in self.ways
+        way, self.one_row_ms = recorded if self.recorded else self.time_ways()
         if way == "packed":
-            for name, module in packed.model.named_modules():
+            for name, module in packed_copy(self.step).model.named_modules():
                 if isinstance(module, PackedLinear):
                     swap_module(self.step.model, name, module)
             if getattr(self.step.model, "decoding", None) is not None:  # /health's description of the weights
                 self.step.model.decoding.packed = sum(isinstance(m, PackedLinear) for m in self.step.modules())
-        del packed
-        hardware.release_freed_memory()  # the matrices of the layout not kept
+            hardware.release_freed_memory()  # the plain matrices just replaced
         return way
+
+    def time_ways(self) -> tuple[str, dict[str, float]]:
+        """The fastest way to serve one row and each way's milliseconds, timed now (and recorded at `choice_path`)."""
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            record = self.choice_path or Path(folder) / "choice.json"
+            time_in_child(self.step, record)
+            timed = read_choice(record)
+        self.compile_seconds += time.perf_counter() - start  # mostly building the libraries the first time
+        if timed is None:
+            raise RuntimeError(f"timing one row each way recorded nothing readable at {record}")
+        return timed
 
     def _load(self, rows: str, step: DecodeStep | None = None):
         """The library of `step` (default: the served one) for `rows`, compiled first if it is not on disk, reading
@@ -305,31 +317,7 @@ class StepGraph:
             start = time.perf_counter()
             compile_library(step, path, rows)
             self.compile_seconds += time.perf_counter() - start
-        # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo,
-        # sympy), 80 MB the server keeps for nothing
-        runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        runner.load_constants(weights(step), False, True, user_managed=True)  # pointers to the model's tensors: no copy
-        return runner
-
-    def time_one_row(self, libraries: dict, length: int = 64, rounds: int = 3, calls: int = 5) -> dict[str, float]:
-        """Milliseconds a step of one row takes each way in `libraries` (way: library; "reductions" takes one row, the
-        others two, one a padding row), each the fastest of `rounds` alternating rounds of `calls`, on a scratch cache of
-        `length` positions (the server serves eagerly meanwhile, on its own cache)."""
-        c, weight = self.step.model.config, self.step.model.norm_f.weight
-        shape = (self.MIN_ROWS, c.n_kv_head, length, c.head_dim)  # (slots, n_kv, positions, hs)
-        keys, values = ([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(c.n_layer)] for _ in "kv")
-        tokens, positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device), torch.tensor([length - 1], device=weight.device)
-        mask = row_mask(positions, length)
-        run = {way: (lambda lib=library: lib.boxed_run([tokens, positions, mask, *keys, *values])) if way == "reductions" else
-               (lambda lib=library: padded_run(lib, tokens, positions, keys, values)) for way, library in libraries.items()}
-        best = dict.fromkeys(run, math.inf)
-        for _ in range(rounds):  # the first round warms each up; the fastest round is the least disturbed one
-            for way, step in run.items():
-                start = time.perf_counter()
-                for _ in range(calls):
-                    step()
-                best[way] = min(best[way], (time.perf_counter() - start) / calls * 1e3)
-        return best
+        return loaded(path, step)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         n = tokens.shape[0]
@@ -380,6 +368,36 @@ class StepGraph:
         return f"one compiled library per step (AOTInductor, the model's own weights), any rows and length{one} ({how})"
 
 
+def loaded(path: Path, step: DecodeStep):
+    """The library at `path`, reading `step`'s own tensors (pointers: no copy; it keeps them alive, even once deleted)."""
+    # the C++ loader itself: torch._inductor.aoti_load_package would import the compiler's Python side (dynamo, sympy),
+    # 80 MB the server keeps for nothing
+    runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    runner.load_constants(weights(step), False, True, user_managed=True)
+    return runner
+
+
+def time_one_row(step: DecodeStep, libraries: dict, length: int = 64, rounds: int = 3, calls: int = 5) -> dict[str, float]:
+    """Milliseconds a step of one row of `step` takes each way in `libraries` (way: library; "reductions" takes one
+    row, the others two, one a padding row), each the fastest of `rounds` alternating rounds of `calls`, on a scratch
+    cache of `length` positions."""
+    c, weight = step.model.config, step.model.norm_f.weight
+    shape = (StepGraph.MIN_ROWS, c.n_kv_head, length, c.head_dim)  # (slots, n_kv, positions, hs)
+    keys, values = ([torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(c.n_layer)] for _ in "kv")
+    tokens, positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device), torch.tensor([length - 1], device=weight.device)
+    mask = row_mask(positions, length)
+    run = {way: (lambda lib=library: lib.boxed_run([tokens, positions, mask, *keys, *values])) if way == "reductions" else
+           (lambda lib=library: padded_run(lib, tokens, positions, keys, values)) for way, library in libraries.items()}
+    best = dict.fromkeys(run, math.inf)
+    for _ in range(rounds):  # the first round warms each up; the fastest round is the least disturbed one
+        for way, one_step in run.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                one_step()
+            best[way] = min(best[way], (time.perf_counter() - start) / calls * 1e3)
+    return best
+
+
 def padded_run(library, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
     """The library of many rows on `tokens`, padded to StepGraph.MIN_ROWS: (max(n, MIN_ROWS), vocab) logits."""
     pad = max(0, StepGraph.MIN_ROWS - tokens.shape[0])  # the padding rows write at position 0 of free rows, which a prefill overwrites
@@ -391,19 +409,52 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
-def _main(request: str, path: str, rows: str) -> None:
-    """The child's work: the step from `request` (meta weights), exported for `rows` and compiled to `path`."""
-    step = torch.load(request, weights_only=False).to_empty(device="cpu")  # values unused: the server hands over its own
+def _zero_step(request: str) -> DecodeStep:
+    """The step from `request` (meta tensors) with zeros of the same shapes: values never matter to a library's code,
+    nor to its speed."""
+    step = torch.load(request, weights_only=False).to_empty(device="cpu")
+    for t in [*step.parameters(), *step.buffers()]:
+        t.data.zero_()
     for layer in step.modules():
         if isinstance(layer, PackedLinear):  # oneDNN's layout is fixed by shape, dtype and processor, not by values
-            layer.packed = PackedLinear.pack(layer.packed.zero_())
+            layer.packed = PackedLinear.pack(layer.packed)
+    return step
+
+
+def _build(step: DecodeStep, path: Path, rows: str) -> None:
+    """Export `step` for `rows` and compile its library to `path`, in this process."""
     if rows == "one":  # the same parameters under the same names: the server's tensors fit this library too
+        step = copy.deepcopy(step)
         row_linears(step)
     with torch.no_grad():
         program = export(step, rows)
-    partial = f"{path.removesuffix('.pt2')}.{os.getpid()}.partial.pt2"  # two servers building one library: each replaces it whole
-    torch._inductor.aoti_compile_and_package(program, package_path=partial, inductor_configs=OPTIONS)
+    partial = path.with_suffix(f".{os.getpid()}.partial.pt2")  # two servers building one library: each replaces it whole
+    torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=OPTIONS)
     os.replace(partial, path)
+
+
+def _time(step: DecodeStep, record: Path) -> None:
+    """Build (where missing), load and time each way `step` serves one row; record the fastest at `record`."""
+    packed = packed_copy(step) if "packed" in ways(step) else None
+    libraries = {}
+    for way in ways(step):
+        served, rows = (packed if way == "packed" else step), ("one" if way == "reductions" else "many")
+        if not (path := library_path(served, rows)).is_file():
+            _build(served, path, rows)
+        libraries[way] = loaded(path, served)
+    ms = time_one_row(step, libraries)
+    partial = record.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps({"way": min(ms, key=ms.get), "ms": ms}))
+    os.replace(partial, record)
+
+
+def _main(request: str, job: str, *args: str) -> None:
+    """The child's work on the step at `request`: "build PATH ROWS" or "time RECORD"."""
+    step = _zero_step(request)
+    if job == "build":
+        _build(step, Path(args[0]), args[1])
+    else:
+        _time(step, Path(args[0]))
 
 
 if __name__ == "__main__":
