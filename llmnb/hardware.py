@@ -132,9 +132,9 @@ def limit_kernel_caches(kernels: int = 16, packed: bool = True) -> None:
     value set in the environment is kept.
 
     PyTorch's own cache (ideep's) keeps fewer: each kept product holds another 0.3 MB, and it speeds up products on
-    packed weights only. Packed (`packed=True`, an eager server): 8, a decoding step's five shapes and three more.
-    Plain (`packed=False`, a compiled server, whose products are `torch.mm`'s): 1, no slower (bf16, 2 Zen 4 cores:
-    4.6 MB less in a served SmolLM2).
+    packed weights only. Packed (`packed=True`: an eager server, or a compiled one serving packed weights): 8, a
+    decoding step's five shapes and three more. Plain (`packed=False`, a compiled server whose products are
+    `torch.mm`'s: serve.step.packs_weights): 1, no slower (bf16, 2 Zen 4 cores: 4.6 MB less in a served SmolLM2).
     """
     if kernels < 1:
         raise ValueError(f"kernels must be >= 1, got {kernels}: PyTorch's cache of size 0 crashes the process")
