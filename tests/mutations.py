@@ -259,7 +259,7 @@ MUTATIONS = [
     Mutation("packed layer drops its bias", "llmnb/decoding.py", "self.packed, self.bias, \"none\"", "self.packed, None, \"none\"",
              ("tests/test_decoding.py::test_packed_weights_compute_what_the_plain_ones_do",)),
     Mutation("tied head packed: the vocabulary matrix stored twice", "llmnb/decoding.py",
-             "if type(module) is nn.Linear and module.weight is not model.wte.weight:", "if type(module) is nn.Linear:",
+             "if type(module) is nn.Linear and module.weight is not head:", "if type(module) is nn.Linear:",
              ("tests/test_decoding.py::test_a_tied_head_stays_tied_and_no_matrix_is_stored_twice",)),
     Mutation("compiled step: a padded row's position counts its padding", "llmnb/decoding.py",
              "positions = attention_mask.sum(1, keepdim=True) - 1", "positions = torch.full((b, 1), past, device=tokens.device)",
